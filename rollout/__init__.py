@@ -1,0 +1,14 @@
+"""Rollout engines: generate G completions per prompt with sampling log-probabilities.
+
+    from rollout import SamplingParams, NativeEngine
+    engine = NativeEngine(model, tokenizer)
+    outs = engine.generate(prompt_token_ids, SamplingParams(max_tokens=256, n=8))
+"""
+
+import kernels as _kernels  # noqa: F401  (rl/__init__.py explains the shadowing check)
+import rl  # noqa: F401  (runs that check)
+from rollout.engine import Completion, Engine, SamplingParams
+from rollout.native import NativeEngine
+from rollout.select import make_engine
+
+__all__ = ["Completion", "Engine", "NativeEngine", "SamplingParams", "make_engine"]

@@ -1,0 +1,37 @@
+"""Small shared builders for the tests: tiny random policies and run configs."""
+
+import torch
+
+from rl.config import GRPORunConfig, LoraSection, ModelSection, build_config
+from rl.model import load_policy
+
+
+def tiny_policy(shape="tiny", load_in_4bit=False, lora_r=8, seed=0, perturb_lora=True):
+    """A tiny random-init policy with LoRA; lora_B is made non-zero so that the adapters change outputs."""
+    policy = load_policy(ModelSection(name=f"random:{shape}", load_in_4bit=load_in_4bit), LoraSection(r=lora_r),
+                         seed=seed)
+    if perturb_lora:
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, p in policy.model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return policy
+
+
+def run_config(tmp_path, **sections) -> GRPORunConfig:
+    """A small, fast GRPO run on the tiny random model; `sections` override {section: {key: value}}."""
+    base = {
+        "model": {"name": "random:tiny"},
+        "lora": {"r": 8},
+        "rollout": {"max_tokens": 8, "max_prompt_tokens": 128},
+        "grpo": {"num_generations": 4, "prompts_per_step": 2},
+        "data": {"task": "arithmetic", "num_examples": 16},
+        "rewards": {"functions": [f"{__file__.rsplit('/', 1)[0]}/reward_fns.py:token_reward"]},
+        "train": {"max_steps": 2, "learning_rate": 1e-2, "micro_batch_size": 4, "output_dir": str(tmp_path / "run"),
+                  "save_every": 0, "num_threads": 2},
+        "tracking": {"progress": False},
+    }
+    for section, values in sections.items():
+        base.setdefault(section, {}).update(values)
+    return build_config(GRPORunConfig, base)

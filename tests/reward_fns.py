@@ -1,0 +1,27 @@
+"""Reward functions used by the tests, loaded by path as users' reward files are."""
+
+import math
+
+
+def token_reward(prompts, completions, completion_ids, **kwargs):
+    # varies across completions of random models, so that advantages (and gradients) are non-zero
+    return [sum(ids) % 97 / 97 for ids in completion_ids]
+
+
+def raises(prompts, completions, **kwargs):
+    raise KeyError("gold_answer")
+
+
+def wrong_count(prompts, completions, **kwargs):
+    return [1.0] * (len(completions) + 1)
+
+
+def returns_nan(prompts, completions, **kwargs):
+    return [math.nan for _ in completions]
+
+
+def sleeps(prompts, completions, **kwargs):
+    import time
+
+    time.sleep(5)
+    return [0.0 for _ in completions]

@@ -1,0 +1,60 @@
+"""Config: YAML plus --section.key overrides through one schema; fix-it messages."""
+
+import pytest
+
+from rl.config import GRPORunConfig, build_config, load_config
+from rl.errors import ConfigError
+
+
+def test_yaml_and_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  max_steps: 5\n  learning_rate: 1.0e-4\nrewards:\n  functions: [math_accuracy]\n")
+    cfg = load_config(str(path), ["--train.max_steps", "7", "--grpo.loss_type=gspo", "--model.load_in_4bit", "true",
+                                  "--rewards.functions", "math_accuracy,format", "--grpo.epsilon_high", "0.28"])
+    assert cfg.train.max_steps == 7 and cfg.train.learning_rate == 1e-4
+    assert cfg.grpo.loss_type == "gspo" and cfg.model.load_in_4bit is True and cfg.grpo.epsilon_high == 0.28
+    assert cfg.rewards.functions == ["math_accuracy", "format"]
+    assert cfg.data.task == "arithmetic"  # the default task
+
+
+def test_data_path_replaces_the_default_task():
+    cfg = build_config(GRPORunConfig, {"data": {"path": "x.jsonl"}})
+    assert cfg.data.task is None and cfg.data.path == "x.jsonl"
+
+
+@pytest.mark.parametrize("data,message", [
+    ({"train": {"max_step": 3}}, "did you mean 'train.max_steps'"),
+    ({"trian": {"max_steps": 3}}, "did you mean 'train'"),
+    ({"grpo": {"learning_rate": 1e-5}}, "did you mean 'train.learning_rate'"),
+    ({"grpo": {"loss_type": "ppo"}}, "choose one of: grpo, bnpo, dr_grpo, dapo, gspo"),
+    ({"grpo": {"num_generations": 1}}, "at least 2 completions"),
+    ({"train": {"max_steps": "ten"}}, "must be an integer"),
+    ({"model": {"load_in_4bit": "maybe"}}, "must be true or false"),
+    ({"rewards": {"functions": ["a", "b"], "weights": [1.0]}}, "one weight per function"),
+    ({"data": {"task": "arithmetic", "path": "x.jsonl"}}, "exactly one of data.task"),
+    ({"rollout": {"temperature": 0}}, "temperature > 0"),
+])
+def test_bad_values_name_the_fix(data, message):
+    with pytest.raises(ConfigError, match=message):
+        build_config(GRPORunConfig, data)
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="overrides look like"):
+        load_config(None, ["max_steps", "3"])
+    with pytest.raises(ConfigError, match="needs a value"):
+        load_config(None, ["--train.max_steps"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path(__file__).parents[1].glob("examples/*.yaml")))
+def test_every_example_config_is_valid(path):
+    from rewards import load_reward
+
+    cfg = load_config(path)
+    root = __import__("pathlib").Path(__file__).parents[1]
+    for spec in cfg.rewards.functions:
+        if ".py:" in spec:
+            spec = str(root / spec)
+        assert callable(load_reward(spec))
