@@ -40,7 +40,10 @@ def main(argv=None) -> int:
     timed = rows[1:] or rows
     med = {k: statistics.median(float(r[k]) for r in timed) for k in timed[0] if isinstance(timed[0][k], (int, float))
            or hasattr(timed[0][k], "item")}
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86_64'}, {torch.get_num_threads()} threads)"
+    if torch.cuda.is_available():
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
     print(f"config {args.config} {' '.join(overrides)}; device {device}; torch {torch.__version__}")
     print(f"model load + set-up: {load_s:.1f} s; median of steps 2..{args.steps}:")
     print("| phase | seconds |\n|---|---|")

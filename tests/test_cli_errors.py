@@ -24,7 +24,8 @@ tracking: {progress: false}
 def run(tmp_path, *args):
     config = tmp_path / "config.yaml"
     config.write_text(BASE)
-    cmd = [sys.executable, "-m", "rl.grpo", "--config", str(config), "--train.output_dir", str(tmp_path / "out"), *args]
+    cmd = [sys.executable, "-m", "rl.grpo", "--config", str(config), "--train.output_dir", str(tmp_path / "out"),
+           *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
@@ -35,11 +36,14 @@ def jsonl(tmp_path, rows):
 
 
 CASES = {
-    "unknown config key": (lambda t: ["--train.max_step", "3"], "unknown config key train.max_step; did you mean 'train.max_steps'"),
-    "missing dataset column": (lambda t: ["--data.task", "null", "--data.path", jsonl(t, [{"question": "1+1?", "answer": "2"}])],
+    "unknown config key": (lambda t: ["--train.max_step", "3"],
+                           "unknown config key train.max_step; did you mean 'train.max_steps'"),
+    "missing dataset column": (lambda t: ["--data.task", "null",
+                                          "--data.path", jsonl(t, [{"question": "1+1?", "answer": "2"}])],
                                "no column 'prompt' (its columns: question, answer); set data.prompt_column"),
     "reward raises": (lambda t: ["--rewards.functions", f"{FNS}:raises"], "reward function raises raised KeyError"),
-    "reward wrong count": (lambda t: ["--rewards.functions", f"{FNS}:wrong_count"], "returned 2 values for 1 completions"),
+    "reward wrong count": (lambda t: ["--rewards.functions", f"{FNS}:wrong_count"],
+                           "returned 2 values for 1 completions"),
     "reward NaN": (lambda t: ["--rewards.functions", f"{FNS}:returns_nan"], "rewards must be finite"),
     "model path missing": (lambda t: ["--model.name", str(t / "no" / "such-model")], "does not exist"),
     "prompt too long": (lambda t: ["--rollout.max_prompt_tokens", "8"], "more than rollout.max_prompt_tokens = 8"),

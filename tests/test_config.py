@@ -1,5 +1,7 @@
 """Config: YAML plus --section.key overrides through one schema; fix-it messages."""
 
+from pathlib import Path
+
 import pytest
 
 from rl.config import GRPORunConfig, build_config, load_config
@@ -48,12 +50,15 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
         load_config(str(tmp_path / "missing.yaml"))
 
 
-@pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path(__file__).parents[1].glob("examples/*.yaml")))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in ROOT.glob("examples/*.yaml")))
 def test_every_example_config_is_valid(path):
     from rewards import load_reward
 
     cfg = load_config(path)
-    root = __import__("pathlib").Path(__file__).parents[1]
+    root = ROOT
     for spec in cfg.rewards.functions:
         if ".py:" in spec:
             spec = str(root / spec)
