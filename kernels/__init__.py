@@ -1,6 +1,8 @@
 """Tandem's compute kernels: autograd-capable operators for the hot parts of training.
 
-This is the pure-PyTorch twin of each operator: the CPU path, the test oracle and the benchmark baseline.
+Each operator has a Triton kernel with a hand-derived backward pass (derivation above the kernel) and a
+pure-PyTorch twin (`<op>_torch`): the CPU path, the test oracle and the benchmark baseline. kernels/backend.py
+picks between them (TANDEM_KERNELS=auto|triton|torch).
 
 Note the name: Hugging Face's hub-kernels distribution is also imported as `kernels`. transformers and
 bitsandbytes probe for it; `__tandem__` lets Tandem's packages tell ours from theirs (see rl/__init__.py),
@@ -24,7 +26,9 @@ import logging as _logging  # noqa: E402
 
 _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropHubKernelsNotice())
 
-from kernels.elementwise import apply_rope, rms_norm, swiglu  # noqa: E402
 from kernels.logprobs import selective_logprobs  # noqa: E402
+from kernels.rms_norm import rms_norm  # noqa: E402
+from kernels.rope import apply_rope  # noqa: E402
+from kernels.swiglu import swiglu  # noqa: E402
 
 __all__ = ["apply_rope", "rms_norm", "selective_logprobs", "swiglu"]

@@ -42,6 +42,7 @@ class ModelSection:
     tokenizer: str | None = None  # tokenizer directory; default: the model's own (random models: SmolLM2's)
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False
+    kernels: bool = True  # Tandem's Triton kernels in Llama/Qwen2/Qwen3/Mistral modules (CUDA only)
 
     def __post_init__(self):
         _check(bool(self.name), "model.name is empty; give an HF directory, a hub name, a .gguf file, "
@@ -300,7 +301,7 @@ def build_config(schema: type, data: dict[str, Any]) -> Any:
     for name in data:
         if name not in sections:
             raise ConfigError(f"unknown config section {name!r}" + _suggest(name, list(sections)))
-    for name, section_field in sections.items():
+    for name in sections:
         values = data.get(name) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"config section {name!r} must be a mapping of keys to values, got {values!r}")

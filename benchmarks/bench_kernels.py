@@ -1,0 +1,206 @@
+"""Kernel benchmark: Tandem's Triton kernels against eager torch, torch.compile and Liger, on one CUDA GPU.
+
+    python benchmarks/bench_kernels.py [--tokens 8192] [--shapes qwen2.5-0.5b,...] [--json out.json]
+
+For each operator and model shape (hidden sizes of Qwen2.5-0.5B/1.5B/7B and Llama-3.1-8B, bf16, `--tokens`
+rows): forward, backward and forward+backward time (median of CUDA-event timings; backward = both - forward).
+Memory-bound operators report achieved GB/s against the device-to-device copy bandwidth measured in the same
+run; selective_logprobs (matmul-bound) reports TFLOP/s and its peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from kernels.logprobs import selective_logprobs, selective_logprobs_torch
+from kernels.nf4 import dequantize_nf4
+from kernels.rms_norm import rms_norm, rms_norm_torch
+from kernels.rope import apply_rope, apply_rope_torch
+from kernels.swiglu import swiglu, swiglu_torch
+
+SHAPES = {  # hidden, intermediate, q heads, kv heads, head dim, vocabulary
+    "qwen2.5-0.5b": (896, 4864, 14, 2, 64, 151936),
+    "qwen2.5-1.5b": (1536, 8960, 12, 2, 128, 151936),
+    "qwen2.5-7b": (3584, 18944, 28, 4, 128, 152064),
+    "llama-3.1-8b": (4096, 14336, 32, 8, 128, 128256),
+}
+DT = torch.bfloat16
+
+
+def cuda_ms(fn, iters: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs() -> float:
+    x = torch.empty(1 << 29, dtype=torch.uint8, device="cuda")  # 512 MiB
+    y = torch.empty_like(x)
+    return 2 * x.numel() / cuda_ms(lambda: y.copy_(x)) / 1e6
+
+
+def time_op(fn, make_inputs):
+    """-> (forward ms, backward ms, both ms, peak MiB of forward+backward above the inputs)."""
+    inputs = make_inputs()
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    grads = [torch.randn_like(o) for o in outs]
+
+    def forward():
+        with torch.no_grad():
+            fn(*inputs)
+
+    def both():
+        for t in inputs:
+            t.grad = None
+        o = fn(*inputs)
+        torch.autograd.backward(o if isinstance(o, tuple) else (o,), grads)
+
+    fwd = cuda_ms(forward)
+    tot = cuda_ms(both)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    both()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    return fwd, tot - fwd, tot, peak
+
+
+def leaf(*shape, scale=1.0):
+    return (torch.randn(*shape, device="cuda", dtype=DT) * scale).requires_grad_(True)
+
+
+def liger():
+    try:
+        import liger_kernel.ops.fused_linear_cross_entropy as flce
+        import liger_kernel.ops.rms_norm as lrms
+        import liger_kernel.ops.rope as lrope
+        import liger_kernel.ops.swiglu as lswiglu
+    except ImportError:
+        return None
+    return dict(
+        rms_norm=lambda x, w: lrms.LigerRMSNormFunction.apply(x, w, 1e-6, 0.0, "llama", False),
+        swiglu=lambda g, u: lswiglu.LigerSiLUMulFunction.apply(g, u),
+        rope=lambda q, k, c, s: lrope.LigerRopeFunction.apply(q, k, c, s),
+        logprobs=lambda h, w, t: -flce.LigerFusedLinearCrossEntropyFunction.apply(h, w, t, None, None, -100, 0.0,
+                                                                                   0.0, "none")[0],
+    )
+
+
+def full_logits_logprobs(hidden, weight, targets):
+    logp = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
+    return logp.gather(1, targets[:, None]).squeeze(1)
+
+
+def bench_shape(name: str, n: int, peers) -> list[dict]:
+    hidden, inter, hq, hk, hd, vocab = SHAPES[name]
+    rows = []
+
+    def record(op, impl, fn, make_inputs, bytes_fwd=None, bytes_bwd=None, flops=None):
+        try:
+            fwd, bwd, tot, peak = time_op(fn, make_inputs)
+        except Exception as e:  # a peer that cannot run this shape is reported, not fatal
+            rows.append(dict(shape=name, op=op, impl=impl, error=f"{type(e).__name__}: {e}"[:200]))
+            return
+        row = dict(shape=name, op=op, impl=impl, fwd_ms=fwd, bwd_ms=bwd, total_ms=tot, peak_mib=peak)
+        if bytes_fwd:
+            row.update(fwd_gbs=bytes_fwd / fwd / 1e6, bwd_gbs=bytes_bwd / max(bwd, 1e-6) / 1e6)
+        if flops:
+            row.update(tflops=flops / tot / 1e9)
+        rows.append(row)
+
+    rms_inputs = lambda: (leaf(n, hidden), leaf(hidden))  # noqa: E731
+    swi_inputs = lambda: (leaf(n, inter, scale=3.0), leaf(n, inter))  # noqa: E731
+    batch, seq = 1, n
+    angles = torch.randn(1, seq, hd // 2, device="cuda")
+    cos, sin = torch.cat([angles.cos()] * 2, -1).to(DT), torch.cat([angles.sin()] * 2, -1).to(DT)
+    rope_inputs = lambda: (leaf(batch, seq, hq, hd).transpose(1, 2), leaf(batch, seq, hk, hd).transpose(1, 2))  # noqa: E731
+    ops = {
+        "rms_norm": (rms_inputs, {"triton": lambda x, w: rms_norm(x, w, 1e-6),
+                                  "eager": lambda x, w: rms_norm_torch(x, w, 1e-6),
+                                  "compile": torch.compile(lambda x, w: rms_norm_torch(x, w, 1e-6))},
+                     4 * n * hidden, 6 * n * hidden),
+        "swiglu": (swi_inputs, {"triton": swiglu, "eager": swiglu_torch, "compile": torch.compile(swiglu_torch)},
+                   6 * n * inter, 10 * n * inter),
+        "rope": (rope_inputs, {"triton": lambda q, k: apply_rope(q, k, cos, sin),
+                               "eager": lambda q, k: apply_rope_torch(q, k, cos, sin),
+                               "compile": torch.compile(lambda q, k: apply_rope_torch(q, k, cos, sin))},
+                 4 * n * (hq + hk) * hd, 4 * n * (hq + hk) * hd),
+    }
+    for op, (make, impls, b_fwd, b_bwd) in ops.items():
+        if peers:
+            impls = {**impls, "liger": (lambda f: (lambda *a: f(*a, cos, sin)) if op == "rope" else f)(peers[op])}
+        for impl, fn in impls.items():
+            record(op, impl, fn, make, b_fwd, b_bwd)
+
+    lp_rows = min(n, 4096)  # 4096 x 152K logits in fp32 would be 2.3 GiB for the full-logits baselines
+    targets = torch.randint(0, vocab, (lp_rows,), device="cuda")
+    lp_inputs = lambda: (leaf(lp_rows, hidden), leaf(vocab, hidden, scale=0.02))  # noqa: E731
+    lp_impls = {"triton": lambda h, w: selective_logprobs(h, w, targets)[0],
+                "torch twin (chunked)": lambda h, w: selective_logprobs_torch(h, w, targets)[0],
+                "eager (full logits)": lambda h, w: full_logits_logprobs(h, w, targets),
+                "compile (full logits)": torch.compile(lambda h, w: full_logits_logprobs(h, w, targets))}
+    if peers:
+        lp_impls["liger FLCE"] = lambda h, w: peers["logprobs"](h, w, targets)
+    for impl, fn in lp_impls.items():
+        record("selective_logprobs", impl, fn, lp_inputs, flops=6 * lp_rows * hidden * vocab)
+
+    import bitsandbytes.functional as F
+
+    w = torch.randn(inter, hidden, device="cuda", dtype=DT)
+    packed, state = F.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True)
+    assert torch.equal(dequantize_nf4(packed, state), F.dequantize_4bit(packed, state))
+    nbytes = w.numel() // 2 + w.numel() * 2
+    for impl, fn in {"triton": lambda: dequantize_nf4(packed, state),
+                     "bitsandbytes": lambda: F.dequantize_4bit(packed, state)}.items():
+        ms = cuda_ms(fn)
+        rows.append(dict(shape=name, op="nf4_dequant", impl=impl, fwd_ms=ms, fwd_gbs=nbytes / ms / 1e6))
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--json", help="write all rows here")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    copy = copy_bandwidth_gbs()
+    peers = liger()
+    rows = []
+    for name in args.shapes.split(","):
+        rows += bench_shape(name, args.tokens, peers)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_gbs": copy, "tokens": args.tokens,
+                       "rows": rows}, f, indent=1)
+    print(f"device {torch.cuda.get_device_name()}; torch {torch.__version__}; copy bandwidth {copy:.0f} GB/s; "
+          f"{args.tokens} tokens, bf16")
+    print("| shape | op | impl | fwd ms | bwd ms | fwd+bwd ms | fwd GB/s (% copy) | bwd GB/s | TFLOP/s | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['shape']} | {r['op']} | {r['impl']} | error: {r['error']} |||||||")
+            continue
+        gbs = f"{r['fwd_gbs']:.0f} ({100 * r['fwd_gbs'] / copy:.0f}%)" if "fwd_gbs" in r else ""
+        print(f"| {r['shape']} | {r['op']} | {r['impl']} | {r['fwd_ms']:.3f} | {r.get('bwd_ms', float('nan')):.3f} | "
+              f"{r.get('total_ms', float('nan')):.3f} | {gbs} | {r.get('bwd_gbs', 0):.0f} | {r.get('tflops', 0):.0f} | "
+              f"{r.get('peak_mib', 0):.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

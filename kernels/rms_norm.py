@@ -1,0 +1,113 @@
+"""RMSNorm: y = weight * cast(x / sqrt(mean(x^2) + eps)), normalised in fp32 like HF's LlamaRMSNorm.
+
+Triton: one program per row for the forward (keeps the row's 1/rms for the backward); the backward
+recomputes x_hat from x and 1/rms, and accumulates dW per program in fp32 before one final sum.
+
+Gradient (r = 1/rms, x_hat = x * r, g = dy * weight):
+    r = (mean(x^2) + eps)^(-1/2)          dr/dx_j = -r^3 x_j / N
+    dx_j = sum_i g_i d(x_i r)/dx_j = r g_j - r^3 x_j / N sum_i g_i x_i
+         = r (g_j - x_hat_j mean(g * x_hat))
+    dweight = sum over rows of dy * x_hat        (x_hat in the input dtype, as the forward uses it)
+The cast of x_hat to the input dtype is treated as the identity in the backward, as autograd does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.backend import HAVE_TRITON, use_triton
+
+
+def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    dtype = x.dtype
+    xf = x.to(torch.float32) if dtype in (torch.float16, torch.bfloat16) else x
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * y.to(dtype)
+
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from kernels.triton_cast import cast_to
+
+    @triton.jit
+    def _forward(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        m = cols < n_cols
+        x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        # x_hat rounded to the input dtype, as HF does before the weight multiply; the product is formed in
+        # fp32 and rounded once, which equals a correctly rounded 16-bit product
+        x_hat = cast_to(x * rstd, X.dtype.element_ty).to(tl.float32)
+        w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(Y + row * stride_y + cols, cast_to(w * x_hat, Y.dtype.element_ty), mask=m)
+        tl.store(RSTD + row, rstd)
+
+    @triton.jit
+    def _backward(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, n_rows, n_cols, rows_per_program,
+                  BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        m = cols < n_cols
+        w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
+        dw = tl.zeros((BLOCK,), dtype=tl.float32)
+        start = pid * rows_per_program
+        for row in range(start, tl.minimum(start + rows_per_program, n_rows)):
+            x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+            dy = tl.load(DY + row * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + row)
+            x_hat = x * rstd
+            g = dy * w
+            dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols))
+            tl.store(DX + row * stride_dx + cols, cast_to(dx, DX.dtype.element_ty), mask=m)
+            dw += dy * cast_to(x_hat, X.dtype.element_ty).to(tl.float32)
+        tl.store(DW_PART + pid * n_cols + cols, dw, mask=m)
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        rows, n = x2.shape
+        out_dtype = torch.promote_types(x.dtype, weight.dtype)
+        y = torch.empty((rows, n), dtype=out_dtype, device=x.device)
+        rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
+        block = triton.next_power_of_2(n)
+        _forward[(rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n, eps, BLOCK=block)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.shape = shape
+        return y.view(*shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        rows, n = x2.shape
+        dy2 = dy.reshape(rows, n)
+        if dy2.stride(-1) != 1:
+            dy2 = dy2.contiguous()
+        dx = torch.empty_like(x2)
+        programs = max(1, min(rows, 4 * _sm_count(x2.device)))
+        per_program = triton.cdiv(rows, programs)
+        programs = triton.cdiv(rows, per_program)
+        dw_part = torch.empty((programs, n), dtype=torch.float32, device=x2.device)
+        _backward[(programs,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0), dx.stride(0),
+                               rows, n, per_program, BLOCK=triton.next_power_of_2(n))
+        dw = dw_part.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return dx.view(ctx.shape), dw, None
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    if use_triton(x):
+        return _RMSNorm.apply(x, weight, eps)
+    return rms_norm_torch(x, weight, eps)

@@ -1,0 +1,97 @@
+"""Rotary position embedding of Q and K together, HF's `rotate_half` convention.
+
+    q_out = q * cos + rotate_half(q) * sin,   rotate_half([x1, x2]) = [-x2, x1]   (halves of the head dim)
+    q, k: (B, H, T, D) (any strides with a contiguous last dim); cos, sin: (B or 1, T, D) as HF returns them.
+
+Triton: one program per (batch, position) rotates every head of Q and K there, reading cos/sin once.
+
+Gradient: per pair of halves the forward is the linear map
+    out1 = x1 c1 - x2 s1,   out2 = x2 c2 + x1 s2
+whose transpose gives
+    dx1 = dy1 c1 + dy2 s2,  dx2 = dy2 c2 - dy1 s1
+(with HF's duplicated halves, c1 = c2 and s1 = s2: a rotation by -angle).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.backend import HAVE_TRITON, use_triton
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope_torch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, T, D): broadcast over heads
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from kernels.triton_cast import cast_to
+
+    @triton.jit
+    def _rotate(X, Y, COS, SIN, x_sb, x_sh, x_st, y_sb, y_sh, y_st, c_sb, c_st, n_heads, seq_len,
+                HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
+        pid = tl.program_id(0)
+        b = pid // seq_len
+        t = pid % seq_len
+        d = tl.arange(0, BLOCK_D)
+        dm = d < HALF
+        c_base = COS + b * c_sb + t * c_st
+        s_base = SIN + b * c_sb + t * c_st
+        c1 = tl.load(c_base + d, mask=dm, other=0.0).to(tl.float32)
+        c2 = tl.load(c_base + HALF + d, mask=dm, other=0.0).to(tl.float32)
+        s1 = tl.load(s_base + d, mask=dm, other=0.0).to(tl.float32)
+        s2 = tl.load(s_base + HALF + d, mask=dm, other=0.0).to(tl.float32)
+        h = tl.arange(0, BLOCK_H)
+        hm = h < n_heads
+        m = hm[:, None] & dm[None, :]
+        x_base = X + b * x_sb + t * x_st + h[:, None] * x_sh + d[None, :]
+        x1 = tl.load(x_base, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(x_base + HALF, mask=m, other=0.0).to(tl.float32)
+        if BACKWARD:
+            o1 = x1 * c1[None, :] + x2 * s2[None, :]
+            o2 = x2 * c2[None, :] - x1 * s1[None, :]
+        else:
+            o1 = x1 * c1[None, :] - x2 * s1[None, :]
+            o2 = x2 * c2[None, :] + x1 * s2[None, :]
+        y_base = Y + b * y_sb + t * y_st + h[:, None] * y_sh + d[None, :]
+        tl.store(y_base, cast_to(o1, Y.dtype.element_ty), mask=m)
+        tl.store(y_base + HALF, cast_to(o2, Y.dtype.element_ty), mask=m)
+
+    def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
+        b, h, t, d = x.shape
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        y = torch.empty((b, h, t, d), dtype=x.dtype, device=x.device)
+        c_sb = 0 if cos.shape[0] == 1 else cos.stride(0)
+        _rotate[(b * t,)](x, y, cos, sin, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
+                          c_sb, cos.stride(1), h, t, HALF=d // 2, BLOCK_H=triton.next_power_of_2(h),
+                          BLOCK_D=triton.next_power_of_2(d // 2), BACKWARD=backward)
+        return y
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        cos, sin = cos.contiguous(), sin.contiguous()
+        ctx.save_for_backward(cos, sin)
+        return _launch(q, cos, sin, False), _launch(k, cos, sin, False)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        return _launch(dq, cos, sin, True), _launch(dk, cos, sin, True), None, None
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """(q, k) rotated; gradients flow to q and k (cos and sin are constants of the positions)."""
+    if use_triton(q) and q.shape[-1] % 2 == 0:
+        return _Rope.apply(q, k, cos, sin)
+    return apply_rope_torch(q, k, cos, sin)
