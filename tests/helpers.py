@@ -8,8 +8,8 @@ from rl.model import load_policy
 
 def tiny_policy(shape="tiny", load_in_4bit=False, lora_r=8, seed=0, perturb_lora=True):
     """A tiny random-init policy with LoRA; lora_B is made non-zero so that the adapters change outputs."""
-    policy = load_policy(ModelSection(name=f"random:{shape}", load_in_4bit=load_in_4bit), LoraSection(r=lora_r),
-                         seed=seed)
+    model = ModelSection(name=f"random:{shape}", load_in_4bit=load_in_4bit, kernels=False)  # tests patch explicitly
+    policy = load_policy(model, LoraSection(r=lora_r), seed=seed)
     if perturb_lora:
         g = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
