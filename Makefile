@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 # CUDA build. Override with e.g. TORCH='torch==2.11.0'.
 TORCH ?= torch==2.13.0
 DEMO_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+DEMO_ARGS ?=  # extra overrides, e.g. DEMO_ARGS="--train.max_steps 5"
 
 .PHONY: setup demo test bench lint clean
 
@@ -21,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(PY) -m rl.grpo --config examples/arithmetic.yaml --train.output_dir $(DEMO_DIR)
+	$(PY) -m rl.grpo --config examples/arithmetic.yaml --train.output_dir $(DEMO_DIR) $(DEMO_ARGS)
 	$(PY) -m rl.plot $(DEMO_DIR)
 
 test: setup

@@ -1,10 +1,10 @@
-"""On a CUDA GPU: one GRPO loss-and-backward of the Qwen2.5-0.5B shape (4-bit base, LoRA r16, bf16) with
-Tandem's kernels patched in and without them gives the same loss and LoRA gradients within bf16 tolerance.
+"""On a CUDA GPU: one GRPO loss-and-backward of the Qwen2.5-0.5B shape (4-bit NF4 base, LoRA r16, bf16)
+with Tandem's kernels patched in agrees with the unpatched model within bf16 tolerance.
 
-bf16 tolerance: each LoRA gradient tensor within 3% relative Frobenius error of the unpatched one, the loss
-within 1%; the two paths round differently at every bf16 operation of 24 layers, and these bounds sit
-comfortably above what such rounding produces while a wrong derivative (sign, factor, missing term) exceeds
-them by far.
+"Within bf16 tolerance" is measured, not assumed: the same step computed in fp32 (same NF4 codes and scales,
+dequantized to fp32; same adapters) is the truth, and the patched bf16 step may be no further from it than
+the unpatched bf16 step is, with a 25% margin (plus 1e-3 absolute), for the loss and for all LoRA gradients
+together. A wrong derivative (sign, factor, missing term) lands orders of magnitude outside that.
 """
 
 import pytest
@@ -17,37 +17,53 @@ from rl.model import load_policy
 from rl.objectives import grpo_loss
 
 pytestmark = pytest.mark.gpu
+B, PROMPT, COMPLETION = 8, 64, 256
 
 
-def step(model, ids, mask, completion_len, advantages):
+def policy(dtype: str):
+    p = load_policy(ModelSection(name="random:qwen2.5-0.5b", load_in_4bit=True, kernels=False, dtype=dtype),
+                    LoraSection(r=16, alpha=32), seed=0)
+    g = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for name, param in sorted(p.model.named_parameters()):
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=g, device="cuda") * 0.01)
+    return p.model.train()
+
+
+def step(model, ids, mask, advantages):
     model.zero_grad(set_to_none=True)
-    logps, _ = completion_logps(model, ids, mask, completion_len)
-    loss, _ = grpo_loss(logps, logps.detach(), None, advantages, mask[:, -completion_len:].float(), loss_type="dapo")
+    logps, _ = completion_logps(model, ids, mask, COMPLETION)
+    loss, _ = grpo_loss(logps, logps.detach(), None, advantages, mask[:, -COMPLETION:].float(), loss_type="dapo")
     loss.backward()
-    return loss.detach().float(), {k: p.grad.float().clone() for k, p in model.named_parameters() if p.grad is not None}
+    grads = {k: p.grad.float().clone() for k, p in model.named_parameters() if p.grad is not None}
+    return loss.detach().float().item(), grads
+
+
+def relative_error(grads, truth):
+    num = sum((grads[k] - truth[k]).pow(2).sum() for k in truth)
+    return (num / sum(truth[k].pow(2).sum() for k in truth)).sqrt().item()
 
 
 def test_grpo_step_with_kernels_on_and_off_agrees():
-    policy = load_policy(ModelSection(name="random:qwen2.5-0.5b", load_in_4bit=True, kernels=False),
-                         LoraSection(r=16, alpha=32), seed=0)
-    model = policy.model
-    g = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g, device="cuda") * 0.01)
-    b, prompt, completion = 8, 64, 256
-    ids = torch.randint(0, 49152, (b, prompt + completion), device="cuda", generator=g)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    ids = torch.randint(0, 49152, (B, PROMPT + COMPLETION), device="cuda", generator=g)
     mask = torch.ones_like(ids)
-    mask[:, -37:] = 0  # some right padding
-    mask[0, -completion:] = 1
-    advantages = torch.randn(b, device="cuda", generator=g)
-    ref_loss, ref_grads = step(model, ids, mask, completion, advantages)
+    mask[1:, -37:] = 0  # right padding on all but the first sequence
+    advantages = torch.randn(B, device="cuda", generator=g)
+
+    truth_loss, truth = step(policy("float32"), ids, mask, advantages)
+    torch.cuda.empty_cache()
+    model = policy("bfloat16")
+    ref_loss, ref = step(model, ids, mask, advantages)
     assert set(patch_model(model)) == {"rms_norm", "swiglu", "rope", "nf4_lora_linear"}
-    loss, grads = step(model, ids, mask, completion, advantages)
+    loss, ours = step(model, ids, mask, advantages)
     unpatch_model(model)
-    assert abs(loss - ref_loss) <= 1e-2 * abs(ref_loss) + 1e-4
-    assert grads.keys() == ref_grads.keys() and len(grads) == 24 * 7 * 2
-    worst = max(((grads[k] - ref_grads[k]).norm() / ref_grads[k].norm().clamp(min=1e-12)).item() for k in grads)
-    print(f"loss {loss.item():.6f} vs {ref_loss.item():.6f}; worst relative LoRA-gradient error {worst:.2e}")
-    assert worst <= 3e-2
+
+    assert ours.keys() == ref.keys() == truth.keys() and len(ours) == 24 * 7 * 2
+    err_ref, err_ours = relative_error(ref, truth), relative_error(ours, truth)
+    print(f"\nloss: fp32 {truth_loss:.6f}, bf16 unpatched {ref_loss:.6f}, bf16 patched {loss:.6f}")
+    print(f"LoRA gradients, relative L2 error against fp32: unpatched {err_ref:.3e}, patched {err_ours:.3e}, "
+          f"patched vs unpatched {relative_error(ours, ref):.3e}")
+    assert err_ours <= 1.25 * err_ref + 1e-3
+    assert abs(loss - truth_loss) <= 1.25 * abs(ref_loss - truth_loss) + 1e-3 * abs(truth_loss) + 1e-5
