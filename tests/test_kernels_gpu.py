@@ -1,10 +1,16 @@
-"""On a CUDA GPU: one GRPO loss-and-backward of the Qwen2.5-0.5B shape (4-bit NF4 base, LoRA r16, bf16)
-with Tandem's kernels patched in agrees with the unpatched model within bf16 tolerance.
+"""On a CUDA GPU: one GRPO loss-and-backward of the Qwen2.5-0.5B shape (4-bit NF4 base, LoRA r16) with
+Tandem's kernels patched in agrees with the unpatched model.
 
-"Within bf16 tolerance" is measured, not assumed: the same step computed in fp32 (same NF4 codes and scales,
-dequantized to fp32; same adapters) is the truth, and the patched bf16 step may be no further from it than
-the unpatched bf16 step is, with a 25% margin (plus 1e-3 absolute), for the loss and for all LoRA gradients
-together. A wrong derivative (sign, factor, missing term) lands orders of magnitude outside that.
+Two comparisons, because a random-init 24-layer model is chaotic: rounding differences grow by orders of
+magnitude on their way back to the first layers' adapters.
+  - fp32 compute (the NF4 weights dequantized to fp32, the kernels compiled for fp32): loss within 1e-5
+    relative and all LoRA gradients together within 1e-3 relative L2 error. Rounding at fp32 stays far
+    below that even after the amplification; a wrong derivative (a sign, a factor, a missing term) lands
+    at O(1).
+  - bf16 compute, the training configuration: loss within 1e-2 relative, LoRA gradients within 6e-2
+    relative L2 error (bf16 keeps 8 mantissa bits; the two paths round at different points of every layer,
+    and the first measurement on an H200 was 2.8e-2).
+The ratio exp(logps - old_logps) is made different from 1 so that the loss itself depends on the model.
 """
 
 import pytest
@@ -31,39 +37,41 @@ def policy(dtype: str):
     return p.model.train()
 
 
-def step(model, ids, mask, advantages):
-    model.zero_grad(set_to_none=True)
-    logps, _ = completion_logps(model, ids, mask, COMPLETION)
-    loss, _ = grpo_loss(logps, logps.detach(), None, advantages, mask[:, -COMPLETION:].float(), loss_type="dapo")
-    loss.backward()
-    grads = {k: p.grad.float().clone() for k, p in model.named_parameters() if p.grad is not None}
-    return loss.detach().float().item(), grads
-
-
-def relative_error(grads, truth):
-    num = sum((grads[k] - truth[k]).pow(2).sum() for k in truth)
-    return (num / sum(truth[k].pow(2).sum() for k in truth)).sqrt().item()
-
-
-def test_grpo_step_with_kernels_on_and_off_agrees():
+def batch():
     g = torch.Generator(device="cuda").manual_seed(1)
     ids = torch.randint(0, 49152, (B, PROMPT + COMPLETION), device="cuda", generator=g)
     mask = torch.ones_like(ids)
     mask[1:, -37:] = 0  # right padding on all but the first sequence
     advantages = torch.randn(B, device="cuda", generator=g)
+    shift = 0.1 * torch.randn(B, COMPLETION, device="cuda", generator=g)  # old_logps = logps + shift
+    return ids, mask, advantages, shift
 
-    truth_loss, truth = step(policy("float32"), ids, mask, advantages)
-    torch.cuda.empty_cache()
-    model = policy("bfloat16")
-    ref_loss, ref = step(model, ids, mask, advantages)
+
+def step(model, ids, mask, advantages, shift):
+    model.zero_grad(set_to_none=True)
+    logps, _ = completion_logps(model, ids, mask, COMPLETION)
+    loss, _ = grpo_loss(logps, logps.detach() + shift, None, advantages, mask[:, -COMPLETION:].float(),
+                        loss_type="dapo")
+    loss.backward()
+    grads = {k: p.grad.float().clone() for k, p in model.named_parameters() if p.grad is not None}
+    return loss.detach().float().item(), grads
+
+
+def relative_error(grads, ref):
+    num = sum((grads[k] - ref[k]).pow(2).sum() for k in ref)
+    return (num / sum(ref[k].pow(2).sum() for k in ref)).sqrt().item()
+
+
+@pytest.mark.parametrize("dtype,loss_tol,grad_tol", [("float32", 1e-5, 1e-3), ("bfloat16", 1e-2, 6e-2)])
+def test_grpo_step_with_kernels_on_and_off_agrees(dtype, loss_tol, grad_tol):
+    model = policy(dtype)
+    data = batch()
+    ref_loss, ref = step(model, *data)
     assert set(patch_model(model)) == {"rms_norm", "swiglu", "rope", "nf4_lora_linear"}
-    loss, ours = step(model, ids, mask, advantages)
+    loss, ours = step(model, *data)
     unpatch_model(model)
-
-    assert ours.keys() == ref.keys() == truth.keys() and len(ours) == 24 * 7 * 2
-    err_ref, err_ours = relative_error(ref, truth), relative_error(ours, truth)
-    print(f"\nloss: fp32 {truth_loss:.6f}, bf16 unpatched {ref_loss:.6f}, bf16 patched {loss:.6f}")
-    print(f"LoRA gradients, relative L2 error against fp32: unpatched {err_ref:.3e}, patched {err_ours:.3e}, "
-          f"patched vs unpatched {relative_error(ours, ref):.3e}")
-    assert err_ours <= 1.25 * err_ref + 1e-3
-    assert abs(loss - truth_loss) <= 1.25 * abs(ref_loss - truth_loss) + 1e-3 * abs(truth_loss) + 1e-5
+    assert ours.keys() == ref.keys() and len(ours) == 24 * 7 * 2
+    err = relative_error(ours, ref)
+    print(f"\n{dtype}: loss unpatched {ref_loss:.7f}, patched {loss:.7f}; LoRA gradients relative L2 error {err:.2e}")
+    assert abs(loss - ref_loss) <= loss_tol * abs(ref_loss)
+    assert err <= grad_tol
