@@ -13,6 +13,8 @@ magnitude on their way back to the first layers' adapters.
 The ratio exp(logps - old_logps) is made different from 1 so that the loss itself depends on the model.
 """
 
+import math
+
 import pytest
 import torch
 
@@ -43,15 +45,17 @@ def batch():
     mask = torch.ones_like(ids)
     mask[1:, -37:] = 0  # right padding on all but the first sequence
     advantages = torch.randn(B, device="cuda", generator=g)
-    shift = 0.1 * torch.randn(B, COMPLETION, device="cuda", generator=g)  # old_logps = logps + shift
-    return ids, mask, advantages, shift
+    # old_logps: a fixed tensor near a random model's log-probabilities (about -log V), so that the ratio
+    # exp(logps - old_logps), and with it the loss, depends on the model
+    old_logps = -math.log(49152) + 0.05 * torch.randn(B, COMPLETION, device="cuda", generator=g)
+    return ids, mask, advantages, old_logps
 
 
-def step(model, ids, mask, advantages, shift):
+def step(model, ids, mask, advantages, old_logps):
     model.zero_grad(set_to_none=True)
     logps, _ = completion_logps(model, ids, mask, COMPLETION)
-    loss, _ = grpo_loss(logps, logps.detach() + shift, None, advantages, mask[:, -COMPLETION:].float(),
-                        loss_type="dapo")
+    loss, _ = grpo_loss(logps, old_logps, None, advantages, mask[:, -COMPLETION:].float(), loss_type="dapo",
+                        epsilon=10.0)  # a wide clip range: every token keeps its gradient
     loss.backward()
     grads = {k: p.grad.float().clone() for k, p in model.named_parameters() if p.grad is not None}
     return loss.detach().float().item(), grads
