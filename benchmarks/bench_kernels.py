@@ -3,7 +3,7 @@
     python benchmarks/bench_kernels.py [--tokens 8192] [--shapes qwen2.5-0.5b,...] [--json out.json]
 
 For each operator and model shape (hidden sizes of Qwen2.5-0.5B/1.5B/7B and Llama-3.1-8B, bf16, `--tokens`
-rows): forward, backward and forward+backward time (median of CUDA-event timings; backward = both - forward).
+rows): forward, backward and forward+backward time (steady state, see cuda_ms; backward = both - forward).
 Memory-bound operators report achieved GB/s against the device-to-device copy bandwidth measured in the same
 run; selective_logprobs (matmul-bound) reports TFLOP/s and its peak memory.
 """
@@ -31,17 +31,22 @@ SHAPES = {  # hidden, intermediate, q heads, kv heads, head dim, vocabulary
 DT = torch.bfloat16
 
 
-def cuda_ms(fn, iters: int = 20, warmup: int = 3) -> float:
+def cuda_ms(fn, iters: int = 25, repeats: int = 5, warmup: int = 3) -> float:
+    """Steady-state milliseconds per call: `iters` calls queued back to back between two CUDA events (the
+    host runs ahead as it does in training, so per-launch host overhead is hidden unless it exceeds the
+    GPU time), median over `repeats`."""
     for _ in range(warmup):
         fn()
+    torch.cuda.synchronize()
     times = []
-    for _ in range(iters):
+    for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(iters):
+            fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / iters)
     return statistics.median(times)
 
 
