@@ -35,3 +35,17 @@ def test_patched_model_matches_unpatched(shape, load_in_4bit, monkeypatch):
         model(input_ids=ids)
     unpatch_model(model)
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_patched_model_generates_what_the_unpatched_model_generates(monkeypatch):
+    """Through the KV-cached decode path of the native engine (the attention forward with a cache)."""
+    from rollout import NativeEngine, SamplingParams
+
+    monkeypatch.setenv("TANDEM_KERNELS", "triton")
+    policy = tiny_policy("tiny-qwen3")
+    engine = NativeEngine(policy.model, policy.tokenizer)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [14, 15], [20, 21, 22]]
+    params = SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[])
+    reference = [g[0].token_ids for g in engine.generate(prompts, params)]
+    patch_model(policy.model)
+    assert [g[0].token_ids for g in engine.generate(prompts, params)] == reference
