@@ -60,9 +60,10 @@ def test_sampling_logprobs_match_a_reference_forward(policy):
     with torch.no_grad():
         for prompt, group in zip(PROMPTS, outs):
             for c in group:
-                ids = torch.tensor([prompt + c.token_ids])
+                ids = torch.tensor([prompt + c.token_ids], device=engine.device)
                 logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float() / 0.7
-                ref = torch.log_softmax(logits, -1).gather(1, torch.tensor(c.token_ids)[:, None]).squeeze(1)
+                targets = torch.tensor(c.token_ids, device=engine.device)[:, None]
+                ref = torch.log_softmax(logits, -1).gather(1, targets).squeeze(1).cpu()
                 torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=2e-4, rtol=0)
 
 
