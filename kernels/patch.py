@@ -7,9 +7,10 @@ untouched; only the instance's `forward` is replaced, so `unpatch_model` can rem
   - RMSNorm            -> kernels.rms_norm
   - MLP (SiLU-gated)   -> kernels.swiglu between the (possibly LoRA-wrapped) projections
   - attention          -> kernels.apply_rope on Q and K; the rest is HF's own attention forward, step by step
-  - peft LoRA over a bitsandbytes NF4 layer -> kernels.nf4_lora_linear, when one adapter is active, unmerged,
-    without dropout; any other state (adapters disabled, merged, several adapters, a weight bitsandbytes has
-    repacked into its CPU layout) takes peft's own forward
+  - peft LoRA over a bitsandbytes NF4 layer -> kernels.nf4_lora_linear when autograd records (training), one
+    adapter is active, unmerged, without dropout; any other state (no grad, as in rollout decoding; adapters
+    disabled; merged; several adapters; a weight bitsandbytes has repacked into its CPU layout) takes
+    peft's own forward
 Other architectures are left as they are. On CPU the operators dispatch to their pure-torch twins (or to the
 Triton interpreter with TANDEM_KERNELS=triton), which is how the test suite checks a patched model against
 the unpatched one.
@@ -75,7 +76,9 @@ def _eager_attention(module, query, key, value, attention_mask, scaling, dropout
 
 def _lora_nf4_forward(self, x, *args, **kwargs):
     active = self.active_adapters
-    if (self.disable_adapters or self.merged or len(active) != 1 or args or kwargs
+    # Without autograd (rollout decode) bitsandbytes' 4-bit GEMV reads the packed weight directly, which beats
+    # dequantizing it: measured on an H200, 1.5B shape, 8 rows, 82 ms against 118 ms per decode step.
+    if (not torch.is_grad_enabled() or self.disable_adapters or self.merged or len(active) != 1 or args or kwargs
             or active[0] not in self.lora_A or not isinstance(self.lora_dropout[active[0]], torch.nn.Identity)
             or self.use_dora.get(active[0], False) or not _standard_nf4(self)):
         return type(self).forward(self, x, *args, **kwargs)
