@@ -13,6 +13,8 @@ The cast of x_hat to the input dtype is treated as the identity in the backward,
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kernels.backend import HAVE_TRITON, use_triton
@@ -103,8 +105,13 @@ class _RMSNorm(torch.autograd.Function):
 
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
     return 4
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index: int) -> int:  # a device query costs host time on every backward otherwise
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
