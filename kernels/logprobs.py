@@ -90,20 +90,20 @@ if HAVE_TRITON:
 
     @triton.jit
     def _grad_kernel(Z, TARGETS, LSE, ENT, G, H, stride_z, n_vocab, inv_t, BLOCK_V: tl.constexpr):
+        # grid (rows, vocabulary blocks): every block of every row in parallel, each read and written once
         row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+        mask = cols < n_vocab
         base = Z + row.to(tl.int64) * stride_z
         lse = tl.load(LSE + row)
         ent = tl.load(ENT + row)
         g = tl.load(G + row)
         h = tl.load(H + row)
         target = tl.load(TARGETS + row)
-        for start in range(0, n_vocab, BLOCK_V):
-            cols = start + tl.arange(0, BLOCK_V)
-            mask = cols < n_vocab
-            z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32) * inv_t
-            p = tl.exp(z - lse)
-            dz = -p * (g + h * (z - lse + ent)) + tl.where(cols == target, g, 0.0)
-            tl.store(base + cols, cast_to(dz * inv_t, Z.dtype.element_ty), mask=mask)  # in place over the logits
+        z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32) * inv_t
+        p = tl.exp(z - lse)
+        dz = -p * (g + h * (z - lse + ent)) + tl.where(cols == target, g, 0.0)
+        tl.store(base + cols, cast_to(dz * inv_t, Z.dtype.element_ty), mask=mask)  # in place over the logits
 
     def _stats_triton(z, targets, temperature):
         rows, vocab = z.shape
@@ -115,8 +115,10 @@ if HAVE_TRITON:
 
     def _grad_logits_triton(z, targets, lse, entropy, g, h, temperature):
         rows, vocab = z.shape
-        _grad_kernel[(rows,)](z, targets, lse, entropy, g.contiguous().float(), h.contiguous().float(), z.stride(0),
-                              vocab, 1.0 / temperature, BLOCK_V=min(4096, triton.next_power_of_2(vocab)))
+        block = min(2048, triton.next_power_of_2(vocab))
+        _grad_kernel[(rows, triton.cdiv(vocab, block))](z, targets, lse, entropy, g.contiguous().float(),
+                                                        h.contiguous().float(), z.stride(0), vocab, 1.0 / temperature,
+                                                        BLOCK_V=block)
         return z
 
 
