@@ -70,16 +70,15 @@ if HAVE_TRITON:
 _BLOCK = 1024
 
 
-def dequantize_nf4(packed: torch.Tensor, quant_state, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize_nf4(packed: torch.Tensor, quant_state) -> torch.Tensor:
     """Packed uint8 weight + bitsandbytes QuantState -> dense weight of quant_state.shape and .dtype."""
     if quant_state.quant_type != "nf4":
         raise ValueError(f"dequantize_nf4 handles quant_type nf4, got {quant_state.quant_type}")
-    check_standard_layout(quant_state)
     if not use_triton(packed):
         return dequantize_nf4_torch(packed, quant_state)
+    check_standard_layout(quant_state)
     n = torch.Size(quant_state.shape).numel()
-    if out is None:
-        out = torch.empty(quant_state.shape, dtype=quant_state.dtype, device=packed.device)
+    out = torch.empty(quant_state.shape, dtype=quant_state.dtype, device=packed.device)
     _dequant_kernel[(triton.cdiv(n, _BLOCK),)](packed.reshape(-1).view(torch.uint8), absmax_fp32(quant_state),
                                                quant_state.code.float().contiguous(), out, n,
                                                BLOCKSIZE=quant_state.blocksize, BLOCK=_BLOCK)

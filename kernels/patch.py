@@ -77,9 +77,9 @@ def _attention_forward(self, hidden_states, position_embeddings=None, attention_
     if past_key_values is not None:
         k, v = past_key_values.update(k, v, self.layer_idx)
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, _eager_attention)
-    extra = {}
-    if getattr(self, "sliding_window", None) is not None or type(self).__name__.startswith("Mistral"):
-        extra["sliding_window"] = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
+    # Qwen2/Qwen3 keep their window on the module (None for full-attention layers), Mistral on its config
+    window = getattr(self, "sliding_window", getattr(self.config, "sliding_window", None))
+    extra = {"sliding_window": window} if window is not None else {}
     dropout = self.attention_dropout if self.training else 0.0
     out, weights = attention(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling, **extra, **kwargs)
     return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
