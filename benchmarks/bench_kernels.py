@@ -3,20 +3,23 @@
     python benchmarks/bench_kernels.py [--tokens 8192] [--shapes qwen2.5-0.5b,...] [--json out.json]
 
 For each operator and model shape (hidden sizes of Qwen2.5-0.5B/1.5B/7B and Llama-3.1-8B, bf16, `--tokens`
-rows): forward, backward and forward+backward time (steady state, see cuda_ms; backward = both - forward).
+rows): forward, backward and forward+backward time (steady state, see cuda_ms; backward = both - forward),
+queued from Python as eager training runs them and replayed from a CUDA graph (the GPU's time alone).
 Memory-bound operators report achieved GB/s against the device-to-device copy bandwidth measured in the same
-run; selective_logprobs (matmul-bound) reports TFLOP/s and its peak memory.
+run; selective_logprobs (matmul-bound) reports TFLOP/s and its peak memory, with a trainable and with a
+frozen LM head, and its peak memory at 16384 rows of a 152K vocabulary against the materialized logits.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 
 import torch
 
-from kernels.logprobs import selective_logprobs, selective_logprobs_torch
+from kernels.logprobs import selective_logprobs
 from kernels.nf4 import dequantize_nf4
 from kernels.rms_norm import rms_norm, rms_norm_torch
 from kernels.rope import apply_rope, apply_rope_torch
@@ -31,23 +34,25 @@ SHAPES = {  # hidden, intermediate, q heads, kv heads, head dim, vocabulary
 DT = torch.bfloat16
 
 
-def cuda_ms(fn, iters: int = 25, repeats: int = 5, warmup: int = 3) -> float:
-    """Steady-state milliseconds per call: `iters` calls queued back to back between two CUDA events (the
-    host runs ahead as it does in training, so per-launch host overhead is hidden unless it exceeds the
-    GPU time), median over `repeats`."""
+def cuda_ms(fn, repeats: int = 5, warmup: int = 3, target_ms: float = 40.0) -> float:
+    """Steady-state milliseconds per call: calls queued back to back between two CUDA events (the host runs
+    ahead as it does in training, so per-launch host overhead is hidden unless it exceeds the GPU time),
+    as many as fill ~target_ms (3 to 100), median over `repeats`."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
+
+    def timed(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(iters):
             fn()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    return statistics.median(times)
+        return start.elapsed_time(end) / iters
+
+    iters = int(min(100, max(3, target_ms / max(timed(1), 1e-3))))
+    return statistics.median(timed(iters) for _ in range(repeats))
 
 
 def copy_bandwidth_gbs() -> float:
@@ -56,8 +61,29 @@ def copy_bandwidth_gbs() -> float:
     return 2 * x.numel() / cuda_ms(lambda: y.copy_(x)) / 1e6
 
 
-def time_op(fn, make_inputs):
-    """-> (forward ms, backward ms, both ms, peak MiB of forward+backward above the inputs)."""
+def graph_ms(fn) -> float | None:
+    """Milliseconds per call of fn replayed from a CUDA graph: the GPU's time alone, without the host's
+    launch and autograd overhead. None when fn cannot be captured."""
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return cuda_ms(graph.replay)
+    except Exception:  # e.g. a peer that synchronizes with the host
+        torch.cuda.synchronize()
+        return None
+
+
+def time_op(fn, make_inputs) -> dict:
+    """Forward, backward (= both - forward) and forward+backward milliseconds, queued (host overhead
+    included, as in eager training) and replayed from a CUDA graph (GPU time only), and the peak MiB of
+    forward+backward above the inputs."""
     inputs = make_inputs()
     outs = fn(*inputs)
     outs = outs if isinstance(outs, tuple) else (outs,)
@@ -73,15 +99,18 @@ def time_op(fn, make_inputs):
         o = fn(*inputs)
         torch.autograd.backward(o if isinstance(o, tuple) else (o,), grads)
 
-    fwd = cuda_ms(forward)
-    tot = cuda_ms(both)
+    fwd, tot = cuda_ms(forward), cuda_ms(both)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     both()
     torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    return fwd, tot - fwd, tot, peak
+    row = dict(fwd_ms=fwd, bwd_ms=tot - fwd, total_ms=tot,
+               peak_mib=(torch.cuda.max_memory_allocated() - base) / 2**20)
+    g_fwd, g_tot = graph_ms(forward), graph_ms(both)
+    if g_fwd is not None and g_tot is not None:
+        row.update(fwd_gpu_ms=g_fwd, bwd_gpu_ms=g_tot - g_fwd, total_gpu_ms=g_tot)
+    return row
 
 
 def leaf(*shape, scale=1.0):
@@ -105,6 +134,15 @@ def liger():
     )
 
 
+def first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def with_head(fn, weight, hidden):
+    """fn(hidden, weight) with the head bound, so that the head is not one of the timed op's inputs."""
+    return first(fn(hidden, weight))
+
+
 def full_logits_logprobs(hidden, weight, targets):
     logp = torch.log_softmax((hidden @ weight.T).float(), dim=-1)
     return logp.gather(1, targets[:, None]).squeeze(1)
@@ -116,12 +154,12 @@ def bench_shape(name: str, n: int, peers) -> list[dict]:
 
     def record(op, impl, fn, make_inputs, bytes_fwd=None, bytes_bwd=None, flops=None):
         try:
-            fwd, bwd, tot, peak = time_op(fn, make_inputs)
+            row = dict(shape=name, op=op, impl=impl, **time_op(fn, make_inputs))
         except Exception as e:  # a peer that cannot run this shape is reported, not fatal
             rows.append(dict(shape=name, op=op, impl=impl, error=f"{type(e).__name__}: {e}"[:200]))
             return
-        row = dict(shape=name, op=op, impl=impl, fwd_ms=fwd, bwd_ms=bwd, total_ms=tot, peak_mib=peak)
-        if bytes_fwd:
+        fwd, bwd, tot = (row.get(f"{k}_gpu_ms", row[f"{k}_ms"]) for k in ("fwd", "bwd", "total"))
+        if bytes_fwd:  # bandwidth from the GPU time: what the kernel achieves once launched
             row.update(fwd_gbs=bytes_fwd / fwd / 1e6, bwd_gbs=bytes_bwd / max(bwd, 1e-6) / 1e6)
         if flops:
             row.update(tflops=flops / tot / 1e9)
@@ -151,17 +189,21 @@ def bench_shape(name: str, n: int, peers) -> list[dict]:
         for impl, fn in impls.items():
             record(op, impl, fn, make, b_fwd, b_bwd)
 
-    lp_rows = min(n, 4096)  # 4096 x 152K logits in fp32 would be 2.3 GiB for the full-logits baselines
-    targets = torch.randint(0, vocab, (lp_rows,), device="cuda")
-    lp_inputs = lambda: (leaf(lp_rows, hidden), leaf(vocab, hidden, scale=0.02))  # noqa: E731
-    lp_impls = {"triton": lambda h, w: selective_logprobs(h, w, targets)[0],
-                "torch twin (chunked)": lambda h, w: selective_logprobs_torch(h, w, targets)[0],
-                "eager (full logits)": lambda h, w: full_logits_logprobs(h, w, targets),
-                "compile (full logits)": torch.compile(lambda h, w: full_logits_logprobs(h, w, targets))}
-    if peers:
-        lp_impls["liger FLCE"] = lambda h, w: peers["logprobs"](h, w, targets)
-    for impl, fn in lp_impls.items():
-        record("selective_logprobs", impl, fn, lp_inputs, flops=6 * lp_rows * hidden * vocab)
+    targets = torch.randint(0, vocab, (n,), device="cuda")
+    for frozen in (False, True):
+        # trainable head: d hidden and d weight (6NHV useful FLOPs); frozen (LoRA): d hidden only (4NHV).
+        # (The chunked torch twin is a correctness reference, not a contender: tests/, not timed here.)
+        lp_impls = {"triton": lambda h, w: selective_logprobs(h, w, targets),
+                    "eager (full logits)": lambda h, w: full_logits_logprobs(h, w, targets),
+                    "compile (full logits)": torch.compile(lambda h, w: full_logits_logprobs(h, w, targets))}
+        if peers:
+            lp_impls["liger FLCE"] = lambda h, w: peers["logprobs"](h, w, targets)
+        weight = leaf(vocab, hidden, scale=0.02).requires_grad_(not frozen)
+        head = "frozen head" if frozen else "trainable head"
+        for impl, fn in lp_impls.items():
+            record("selective_logprobs", f"{impl}, {head}", functools.partial(with_head, fn, weight),
+                   lambda: (leaf(n, hidden),), flops=(4 if frozen else 6) * n * hidden * vocab)
+        del weight
 
     import bitsandbytes.functional as F
 
@@ -171,8 +213,31 @@ def bench_shape(name: str, n: int, peers) -> list[dict]:
     nbytes = w.numel() // 2 + w.numel() * 2
     for impl, fn in {"triton": lambda: dequantize_nf4(packed, state),
                      "bitsandbytes": lambda: F.dequantize_4bit(packed, state)}.items():
-        ms = cuda_ms(fn)
-        rows.append(dict(shape=name, op="nf4_dequant", impl=impl, fwd_ms=ms, fwd_gbs=nbytes / ms / 1e6))
+        ms, gpu_ms = cuda_ms(fn), graph_ms(fn)
+        rows.append(dict(shape=name, op="nf4_dequant", impl=impl, fwd_ms=ms, fwd_gpu_ms=gpu_ms,
+                         fwd_gbs=nbytes / (gpu_ms or ms) / 1e6))
+    return rows
+
+
+def logits_memory_rows(n: int = 16384, hidden: int = 3584, vocab: int = 151936) -> list[dict]:
+    """Peak memory of forward+backward above the inputs at N rows, against the materialized logits."""
+    rows = [dict(shape=f"N={n} H={hidden} V={vocab}", op="logits memory", impl="materialized bf16 logits",
+                 peak_mib=n * vocab * 2 / 2**20)]
+    targets = torch.randint(0, vocab, (n,), device="cuda")
+    for frozen in (False, True):
+        weight = leaf(vocab, hidden, scale=0.02).requires_grad_(not frozen)
+        for impl, fn in {"triton": selective_logprobs, "eager (full logits)": full_logits_logprobs}.items():
+            h, weight.grad = leaf(n, hidden), None
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            first(fn(h, weight, targets)).backward(torch.ones(n, device="cuda"))
+            torch.cuda.synchronize()
+            rows.append(dict(shape=rows[0]["shape"], op="logits memory",
+                             impl=f"{impl}, {'frozen' if frozen else 'trainable'} head",
+                             peak_mib=(torch.cuda.max_memory_allocated() - base) / 2**20))
+            del h
+        del weight
     return rows
 
 
@@ -186,24 +251,33 @@ def main(argv=None) -> int:
     copy = copy_bandwidth_gbs()
     peers = liger()
     rows = []
+
+    def save():  # after every shape, so that a run cut short keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": torch.cuda.get_device_name(), "copy_gbs": copy, "tokens": args.tokens,
+                           "rows": rows}, f, indent=1)
+
     for name in args.shapes.split(","):
         rows += bench_shape(name, args.tokens, peers)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "copy_gbs": copy, "tokens": args.tokens,
-                       "rows": rows}, f, indent=1)
+        save()
+    rows += logits_memory_rows()
+    save()
     print(f"device {torch.cuda.get_device_name()}; torch {torch.__version__}; copy bandwidth {copy:.0f} GB/s; "
           f"{args.tokens} tokens, bf16")
-    print("| shape | op | impl | fwd ms | bwd ms | fwd+bwd ms | fwd GB/s (% copy) | bwd GB/s | TFLOP/s | peak MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| shape | op | impl | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd ms, GPU | fwd GB/s (% copy) | bwd GB/s | "
+          "TFLOP/s | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    nan = float("nan")
     for r in rows:
         if "error" in r:
-            print(f"| {r['shape']} | {r['op']} | {r['impl']} | error: {r['error']} |||||||")
+            print(f"| {r['shape']} | {r['op']} | {r['impl']} | error: {r['error']} ||||||||")
             continue
         gbs = f"{r['fwd_gbs']:.0f} ({100 * r['fwd_gbs'] / copy:.0f}%)" if "fwd_gbs" in r else ""
-        print(f"| {r['shape']} | {r['op']} | {r['impl']} | {r['fwd_ms']:.3f} | {r.get('bwd_ms', float('nan')):.3f} | "
-              f"{r.get('total_ms', float('nan')):.3f} | {gbs} | {r.get('bwd_gbs', 0):.0f} | {r.get('tflops', 0):.0f} | "
-              f"{r.get('peak_mib', 0):.0f} |")
+        gpu = r.get("total_gpu_ms", r.get("fwd_gpu_ms") if "total_ms" not in r else None)
+        print(f"| {r['shape']} | {r['op']} | {r['impl']} | {r.get('fwd_ms', nan):.3f} | {r.get('bwd_ms', nan):.3f} | "
+              f"{r.get('total_ms', nan):.3f} | {gpu if gpu is None else f'{gpu:.3f}'} | {gbs} | "
+              f"{r.get('bwd_gbs', 0):.0f} | {r.get('tflops', 0):.0f} | {r.get('peak_mib', 0):.0f} |")
     return 0
 
 

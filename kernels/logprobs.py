@@ -5,10 +5,11 @@
     # both under softmax(hidden @ weight.T / temperature), returned in fp32 (fp64 for fp64 inputs)
 
 The full (N, V) logits of a GRPO batch are the largest tensor of the step (8 x 1024 tokens x 152K vocab in
-fp32 is 5 GB). This never holds more than one chunk of rows of them: the forward keeps only each row's
-log-sum-exp and entropy, and the backward recomputes each chunk's logits (one matmul) and turns them into
-their gradient in place. The logits are the matmul's output in the input dtype, as an HF LM head produces
-them; the statistics are computed in fp32.
+fp32 is 5 GB). This never holds more than one chunk of them (`_CHUNK_ELEMENTS`): the forward walks chunks of
+rows and keeps each row's log-sum-exp and entropy; the backward, when it has to recompute logits, walks
+chunks of the vocabulary, so that each row of d weight is written once instead of accumulated per chunk.
+The logits are the matmul's output in the input dtype, as an HF LM head produces them; the statistics are
+computed in fp32.
 
 Gradient (z = hidden @ weight.T / T, p = softmax(z), lse = logsumexp(z), H = entropy):
     logp_t = z_t - lse                       d logp_t / d z_j = [j == t] - p_j
@@ -29,7 +30,7 @@ import torch
 
 from kernels.backend import HAVE_TRITON, use_triton
 
-_CHUNK_ELEMENTS = 1 << 25  # logits per chunk: 64 MiB in bf16, 128 MiB in fp32
+_CHUNK_ELEMENTS = 1 << 27  # logits per chunk: 256 MiB in bf16; 883 rows of a 152K vocabulary, big matmuls
 
 
 def _rows_per_chunk(vocab: int) -> int:
@@ -48,11 +49,14 @@ def _stats_torch(z: torch.Tensor, targets: torch.Tensor, temperature: float):
     return lse, logp, entropy
 
 
-def _grad_logits_torch(z, targets, lse, entropy, g, h, temperature):
+def _grad_logits_torch(z, targets, lse, entropy, g, h, temperature, col0):
+    """dz for logits z = columns col0 .. col0 + z.shape[1] of the full rows."""
     zf = z.to(lse.dtype) / temperature
     p = torch.exp(zf - lse[:, None])
     dz = -p * (g[:, None] + h[:, None] * (zf - lse[:, None] + entropy[:, None]))
-    dz.scatter_add_(1, targets[:, None], g[:, None])
+    local = targets - col0
+    inside = (local >= 0) & (local < z.shape[1])
+    dz[inside, local[inside]] += g[inside]
     return (dz / temperature).to(z.dtype)
 
 
@@ -89,7 +93,7 @@ if HAVE_TRITON:
         tl.store(ENT + row, b / s + log_s)
 
     @triton.jit
-    def _grad_kernel(Z, TARGETS, LSE, ENT, G, H, stride_z, n_vocab, inv_t, BLOCK_V: tl.constexpr):
+    def _grad_kernel(Z, TARGETS, LSE, ENT, G, H, stride_z, n_vocab, col0, inv_t, BLOCK_V: tl.constexpr):
         # grid (rows, vocabulary blocks): every block of every row in parallel, each read and written once
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
@@ -102,7 +106,7 @@ if HAVE_TRITON:
         target = tl.load(TARGETS + row)
         z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32) * inv_t
         p = tl.exp(z - lse)
-        dz = -p * (g + h * (z - lse + ent)) + tl.where(cols == target, g, 0.0)
+        dz = -p * (g + h * (z - lse + ent)) + tl.where(cols + col0 == target, g, 0.0)
         tl.store(base + cols, cast_to(dz * inv_t, Z.dtype.element_ty), mask=mask)  # in place over the logits
 
     def _stats_triton(z, targets, temperature):
@@ -113,53 +117,80 @@ if HAVE_TRITON:
                                BLOCK_V=min(4096, triton.next_power_of_2(vocab)))
         return lse, logp, entropy
 
-    def _grad_logits_triton(z, targets, lse, entropy, g, h, temperature):
+    def _grad_logits_triton(z, targets, lse, entropy, g, h, temperature, col0):
         rows, vocab = z.shape
         block = min(2048, triton.next_power_of_2(vocab))
-        _grad_kernel[(rows, triton.cdiv(vocab, block))](z, targets, lse, entropy, g.contiguous().float(),
-                                                        h.contiguous().float(), z.stride(0), vocab, 1.0 / temperature,
-                                                        BLOCK_V=block)
+        _grad_kernel[(rows, triton.cdiv(vocab, block))](z, targets, lse, entropy, g, h, z.stride(0), vocab, col0,
+                                                        1.0 / temperature, BLOCK_V=block)
         return z
 
 
 # ------------------------------------------------------------------------------ the chunked autograd op
 
 
+def _recompute_backward(hidden, weight, targets, lse, entropy, g, h, temperature, grad_logits, need_dh, need_dw):
+    """Chunks over the vocabulary: each chunk's logits for all rows, turned into dz in place, give the
+    chunk's rows of d weight once (no accumulation of a (V, H) buffer) and add into d hidden (N, H)."""
+    n, v = hidden.shape[0], weight.shape[0]
+    d_hidden = torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device) if need_dh else None
+    d_weight = torch.empty_like(weight) if need_dw else None
+    step = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    for s in range(0, v, step):
+        w = weight[s:s + step]
+        dz = grad_logits(hidden @ w.T, targets, lse, entropy, g, h, temperature, s)  # (N, chunk of V)
+        if d_hidden is not None:
+            d_hidden += dz @ w
+        if d_weight is not None:
+            torch.mm(dz.T, hidden, out=d_weight[s:s + step])
+    return (d_hidden.to(hidden.dtype) if d_hidden is not None else None), d_weight
+
+
 class _SelectiveLogprobs(torch.autograd.Function):
+    """Forward in chunks of rows. When only `hidden` needs a gradient (a frozen LM head, as under LoRA) and
+    the entropy is not differentiated, d logp_t / d hidden = (weight_t - p @ weight) / T does not depend on
+    the upstream gradient, so the forward computes it from the chunk of logits it already holds (one more
+    matmul) and the backward is a scale: 4NHV FLOPs in all, as for materialized logits. Otherwise the
+    backward recomputes the logits in chunks of the vocabulary (8NHV with the head's gradient)."""
+
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, triton_path):
         stats = _stats_triton if triton_path else _stats_torch
+        grad_logits = _grad_logits_triton if triton_path else _grad_logits_torch
         n = hidden.shape[0]
         acc = torch.promote_types(hidden.dtype, torch.float32)
         lse, logps, entropy = (torch.empty(n, dtype=acc, device=hidden.device) for _ in range(3))
+        eager_grad = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        d_logp = torch.empty_like(hidden) if eager_grad else None  # d logp / d hidden, row by row
+        if eager_grad:
+            ones, zeros = torch.ones_like(lse), torch.zeros_like(lse)
         step = _rows_per_chunk(weight.shape[0])
         for s in range(0, n, step):
-            z = hidden[s:s + step] @ weight.T  # (rows, V) in the input dtype
-            lse[s:s + step], logps[s:s + step], entropy[s:s + step] = stats(z, targets[s:s + step], temperature)
-        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+            rows = slice(s, s + step)
+            z = hidden[rows] @ weight.T  # (rows, V) in the input dtype
+            lse[rows], logps[rows], entropy[rows] = stats(z, targets[rows], temperature)
+            if eager_grad:
+                dz = grad_logits(z, targets[rows], lse[rows], entropy[rows], ones[rows], zeros[rows], temperature, 0)
+                torch.mm(dz, weight, out=d_logp[rows])
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy, d_logp)
         ctx.temperature, ctx.triton_path = temperature, triton_path
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros
         return logps, entropy
 
     @staticmethod
     def backward(ctx, g_logps, g_entropy):
-        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        hidden, weight, targets, lse, entropy, d_logp = ctx.saved_tensors
+        need_dh, need_dw = ctx.needs_input_grad[:2]
+        if g_logps is None and g_entropy is None:
+            return None, None, None, None, None
+        if d_logp is not None and g_entropy is None:
+            d_hidden = (d_logp.to(lse.dtype) * g_logps.to(lse.dtype)[:, None]).to(hidden.dtype)
+            return d_hidden, None, None, None, None
+        zeros = torch.zeros_like(lse)
+        g = g_logps.to(lse.dtype).contiguous() if g_logps is not None else zeros
+        h = g_entropy.to(lse.dtype).contiguous() if g_entropy is not None else zeros
         grad_logits = _grad_logits_triton if ctx.triton_path else _grad_logits_torch
-        g_logps = g_logps.to(lse.dtype) if g_logps is not None else torch.zeros_like(lse)
-        g_entropy = g_entropy.to(lse.dtype) if g_entropy is not None else torch.zeros_like(lse)
-        d_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
-        d_weight = torch.zeros(weight.shape, dtype=lse.dtype, device=weight.device) \
-            if ctx.needs_input_grad[1] else None
-        step = _rows_per_chunk(weight.shape[0])
-        for s in range(0, hidden.shape[0], step):
-            h = hidden[s:s + step]
-            dz = grad_logits(h @ weight.T, targets[s:s + step], lse[s:s + step], entropy[s:s + step],
-                             g_logps[s:s + step], g_entropy[s:s + step], ctx.temperature)  # (rows, V)
-            if d_hidden is not None:
-                d_hidden[s:s + step] = dz @ weight
-            if d_weight is not None:
-                d_weight += (dz.T @ h).to(d_weight.dtype)
-        if d_weight is not None:
-            d_weight = d_weight.to(weight.dtype)
+        d_hidden, d_weight = _recompute_backward(hidden, weight, targets, lse, entropy, g, h, ctx.temperature,
+                                                 grad_logits, need_dh, need_dw)
         return d_hidden, d_weight, None, None, None
 
 

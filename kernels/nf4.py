@@ -7,8 +7,9 @@ bitsandbytes' format (quant_type "nf4"):
     into a dynamic map (`state2.code`) with one fp32 scale per 256 of them (`state2.absmax`), plus an offset;
   - value = code[nibble] * absmax[block], computed in fp32 and cast to the compute dtype.
 
-Bit-exactness: the scales are dequantized in torch with bitsandbytes' own order of operations (product,
-then += offset: no fused multiply-add), and the kernel does one fp32 multiply per element, as bitsandbytes.
+Bit-exactness: the kernel undoes double quantization with bitsandbytes' own order of operations (product,
+rounded, then + offset: compiled without fused multiply-adds) and does one fp32 multiply per element, as
+bitsandbytes does. One launch: the scales are not materialized in a separate pass.
 
     w = dequantize_nf4(layer.weight, layer.weight.quant_state)            # (out, in) in quant_state.dtype
 """
@@ -57,17 +58,35 @@ if HAVE_TRITON:
     from kernels.triton_cast import cast_to
 
     @triton.jit
-    def _dequant_kernel(PACKED, ABSMAX, CODE, OUT, n, BLOCKSIZE: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        byte = tl.load(PACKED + offs // 2, mask=mask, other=0).to(tl.int32)
-        nibble = tl.where(offs % 2 == 0, byte >> 4, byte & 0xF)
-        value = tl.load(CODE + nibble, mask=mask, other=0.0)
-        scale = tl.load(ABSMAX + offs // BLOCKSIZE, mask=mask, other=0.0)
-        tl.store(OUT + offs, cast_to(value * scale, OUT.dtype.element_ty), mask=mask)
+    def _dequant_kernel(PACKED, ABSMAX, CODE, ABSMAX2, CODE2, OFFSET, OUT, n, BLOCKSIZE: tl.constexpr,
+                        BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BYTES: tl.constexpr):
+        # one byte per lane -> its two elements (high nibble first), stored as one contiguous run of 2 * BYTES
+        first = tl.program_id(0).to(tl.int64) * BYTES
+        offs = first + tl.arange(0, BYTES)
+        mask = 2 * offs < n
+        byte = tl.load(PACKED + offs, mask=mask, other=0).to(tl.int32)
+        block = (2 * offs) // BLOCKSIZE  # both elements of a byte share a block: the block size is even
+        if NESTED:  # bitsandbytes' order: code2[q] * absmax2, rounded, then + offset (launched without FMA)
+            q = tl.load(ABSMAX + block, mask=mask, other=0).to(tl.int32)
+            scale = tl.load(CODE2 + q) * tl.load(ABSMAX2 + block // BLOCKSIZE2, mask=mask, other=0.0) + tl.load(OFFSET)
+        else:
+            scale = tl.load(ABSMAX + block, mask=mask, other=0.0).to(tl.float32)
+        hi = tl.load(CODE + (byte >> 4)) * scale
+        lo = tl.load(CODE + (byte & 0xF)) * scale
+        out = 2 * first + tl.arange(0, 2 * BYTES)
+        tl.store(OUT + out, cast_to(tl.interleave(hi, lo), OUT.dtype.element_ty), mask=out < n)
 
 
-_BLOCK = 1024
+_BYTES = 2048  # per program: 4096 elements
+
+
+def _offset(quant_state) -> torch.Tensor:
+    """The double-quantization offset as a one-element fp32 tensor on the weight's device (read in the
+    kernel: turning a device tensor into a Python float would wait for the GPU on every call)."""
+    offset = quant_state.offset
+    if not torch.is_tensor(offset):
+        offset = torch.tensor(float(offset))
+    return offset.to(device=quant_state.absmax.device, dtype=torch.float32).reshape(1)
 
 
 def dequantize_nf4(packed: torch.Tensor, quant_state) -> torch.Tensor:
@@ -79,7 +98,12 @@ def dequantize_nf4(packed: torch.Tensor, quant_state) -> torch.Tensor:
     check_standard_layout(quant_state)
     n = torch.Size(quant_state.shape).numel()
     out = torch.empty(quant_state.shape, dtype=quant_state.dtype, device=packed.device)
-    _dequant_kernel[(triton.cdiv(n, _BLOCK),)](packed.reshape(-1).view(torch.uint8), absmax_fp32(quant_state),
-                                               quant_state.code.float().contiguous(), out, n,
-                                               BLOCKSIZE=quant_state.blocksize, BLOCK=_BLOCK)
+    nested = bool(quant_state.nested)
+    s2 = quant_state.state2 if nested else None
+    absmax, code = quant_state.absmax, quant_state.code
+    _dequant_kernel[(triton.cdiv(n, 2 * _BYTES),)](
+        packed.reshape(-1).view(torch.uint8), absmax, code, s2.absmax if nested else absmax,
+        s2.code if nested else code, _offset(quant_state) if nested else absmax, out, n,
+        BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=s2.blocksize if nested else 1, NESTED=nested, BYTES=_BYTES,
+        enable_fp_fusion=False)
     return out

@@ -1,6 +1,6 @@
 """RMSNorm: y = weight * cast(x / sqrt(mean(x^2) + eps)), normalised in fp32 like HF's LlamaRMSNorm.
 
-Triton: one program per row for the forward (keeps the row's 1/rms for the backward); the backward
+Triton: tiles of rows per program for the forward (keeps each row's 1/rms for the backward); the backward
 recomputes x_hat from x and 1/rms, and accumulates dW per program in fp32 before one final sum.
 
 Gradient (r = 1/rms, x_hat = x * r, g = dy * weight):
@@ -34,38 +34,52 @@ if HAVE_TRITON:
     from kernels.triton_cast import cast_to
 
     @triton.jit
-    def _forward(X, W, Y, RSTD, stride_x, stride_y, n_cols, eps, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+    def _forward(X, W, Y, RSTD, stride_x, stride_y, n_rows, n_cols, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        # ROWS rows per program, so that short rows (896 columns) still give each program a few KB to move
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
-        m = cols < n_cols
-        x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        rm = rows < n_rows
+        m = rm[:, None] & (cols < n_cols)[None, :]
+        x = tl.load(X + rows[:, None].to(tl.int64) * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
         # x_hat rounded to the input dtype, as HF does before the weight multiply; the product is formed in
         # fp32 and rounded once, which equals a correctly rounded 16-bit product
-        x_hat = cast_to(x * rstd, X.dtype.element_ty).to(tl.float32)
-        w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
-        tl.store(Y + row * stride_y + cols, cast_to(w * x_hat, Y.dtype.element_ty), mask=m)
-        tl.store(RSTD + row, rstd)
+        x_hat = cast_to(x * rstd[:, None], X.dtype.element_ty).to(tl.float32)
+        w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        y = cast_to(w[None, :] * x_hat, Y.dtype.element_ty)
+        tl.store(Y + rows[:, None].to(tl.int64) * stride_y + cols[None, :], y, mask=m)
+        tl.store(RSTD + rows, rstd, mask=rm)
 
     @triton.jit
     def _backward(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, n_rows, n_cols, rows_per_program,
-                  BLOCK: tl.constexpr):
+                  ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        # each program walks its share of rows ROWS at a time (several loads in flight) and keeps its dW
+        # partial sum in fp32 registers until the end
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
-        m = cols < n_cols
-        w = tl.load(W + cols, mask=m, other=0.0).to(tl.float32)
-        dw = tl.zeros((BLOCK,), dtype=tl.float32)
+        cm = cols < n_cols
+        w = tl.load(W + cols, mask=cm, other=0.0).to(tl.float32)
+        dw = tl.zeros((ROWS, BLOCK), dtype=tl.float32)
         start = pid * rows_per_program
-        for row in range(start, tl.minimum(start + rows_per_program, n_rows)):
-            x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-            dy = tl.load(DY + row * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
-            rstd = tl.load(RSTD + row)
+        end = tl.minimum(start + rows_per_program, n_rows)
+        for first in range(start, end, ROWS):
+            rows = first + tl.arange(0, ROWS)
+            rm = rows < end
+            m = rm[:, None] & cm[None, :]
+            r64 = rows[:, None].to(tl.int64)
+            x = tl.load(X + r64 * stride_x + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=m, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=rm, other=0.0)[:, None]
             x_hat = x * rstd
-            g = dy * w
-            dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=0) / n_cols))
-            tl.store(DX + row * stride_dx + cols, cast_to(dx, DX.dtype.element_ty), mask=m)
+            g = dy * w[None, :]
+            dx = rstd * (g - x_hat * (tl.sum(g * x_hat, axis=1) / n_cols)[:, None])
+            tl.store(DX + r64 * stride_dx + cols[None, :], cast_to(dx, DX.dtype.element_ty), mask=m)
             dw += dy * cast_to(x_hat, X.dtype.element_ty).to(tl.float32)
-        tl.store(DW_PART + pid * n_cols + cols, dw, mask=m)
+        tl.store(DW_PART + pid * n_cols + cols, tl.sum(dw, axis=0), mask=cm)
+
+
+def _rows_per_tile(block: int) -> int:
+    return max(1, min(16, 4096 // block))  # a tile of ~4K elements: 16 rows of 256, 4 of 1024, 1 of 4096
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -80,7 +94,9 @@ class _RMSNorm(torch.autograd.Function):
         y = torch.empty((rows, n), dtype=out_dtype, device=x.device)
         rstd = torch.empty(rows, dtype=torch.float32, device=x.device)
         block = triton.next_power_of_2(n)
-        _forward[(rows,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), n, eps, BLOCK=block)
+        tile = _rows_per_tile(block)
+        _forward[(triton.cdiv(rows, tile),)](x2, weight, y, rstd, x2.stride(0), y.stride(0), rows, n, eps,
+                                              ROWS=tile, BLOCK=block)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape = shape
         return y.view(*shape[:-1], n)
@@ -93,12 +109,14 @@ class _RMSNorm(torch.autograd.Function):
         if dy2.stride(-1) != 1:
             dy2 = dy2.contiguous()
         dx = torch.empty_like(x2)
-        programs = max(1, min(rows, 4 * _sm_count(x2.device)))
-        per_program = triton.cdiv(rows, programs)
+        block = triton.next_power_of_2(n)
+        tile = _rows_per_tile(block)
+        programs = max(1, min(triton.cdiv(rows, tile), 2 * _sm_count(x2.device)))
+        per_program = triton.cdiv(triton.cdiv(rows, programs), tile) * tile
         programs = triton.cdiv(rows, per_program)
         dw_part = torch.empty((programs, n), dtype=torch.float32, device=x2.device)
         _backward[(programs,)](dy2, x2, weight, rstd, dx, dw_part, dy2.stride(0), x2.stride(0), dx.stride(0),
-                               rows, n, per_program, BLOCK=triton.next_power_of_2(n))
+                               rows, n, per_program, ROWS=tile, BLOCK=block)
         dw = dw_part.sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
         return dx.view(ctx.shape), dw, None
 

@@ -3,7 +3,7 @@
     q_out = q * cos + rotate_half(q) * sin,   rotate_half([x1, x2]) = [-x2, x1]   (halves of the head dim)
     q, k: (B, H, T, D) (any strides with a contiguous last dim); cos, sin: (B or 1, T, D) as HF returns them.
 
-Triton: one program per (batch, position) rotates every head of Q and K there, reading cos/sin once.
+Triton: one launch; one program per (batch, position) rotates every head of Q and K there, reading cos/sin once.
 
 Gradient: per pair of halves the forward is the linear map
     out1 = x1 c1 - x2 s1,   out2 = x2 c2 + x1 s2
@@ -36,8 +36,29 @@ if HAVE_TRITON:
     from kernels.triton_cast import cast_to
 
     @triton.jit
-    def _rotate(X, Y, COS, SIN, x_sb, x_sh, x_st, y_sb, y_sh, y_st, c_sb, c_st, n_heads, seq_len,
-                HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BACKWARD: tl.constexpr):
+    def _rotate_heads(X, Y, x_sh, y_sh, n_heads, c1, c2, s1, s2, d,
+                      HALF: tl.constexpr, BLOCK_H: tl.constexpr, BACKWARD: tl.constexpr):
+        h = tl.arange(0, BLOCK_H)
+        m = (h < n_heads)[:, None] & (d < HALF)[None, :]
+        x_ptr = X + h[:, None] * x_sh + d[None, :]
+        x1 = tl.load(x_ptr, mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + HALF, mask=m, other=0.0).to(tl.float32)
+        if BACKWARD:
+            o1 = x1 * c1[None, :] + x2 * s2[None, :]
+            o2 = x2 * c2[None, :] - x1 * s1[None, :]
+        else:
+            o1 = x1 * c1[None, :] - x2 * s1[None, :]
+            o2 = x2 * c2[None, :] + x1 * s2[None, :]
+        y_ptr = Y + h[:, None] * y_sh + d[None, :]
+        tl.store(y_ptr, cast_to(o1, Y.dtype.element_ty), mask=m)
+        tl.store(y_ptr + HALF, cast_to(o2, Y.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _rotate(Q, K, QO, KO, COS, SIN, q_sb, q_sh, q_st, k_sb, k_sh, k_st, qo_sb, qo_sh, qo_st, ko_sb, ko_sh, ko_st,
+                c_sb, c_st, n_q, n_k, seq_len,
+                HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
+                BACKWARD: tl.constexpr):
+        # one program per (batch, position): cos/sin read once, then every head of Q and of K rotated
         pid = tl.program_id(0)
         b = pid // seq_len
         t = pid % seq_len
@@ -49,32 +70,22 @@ if HAVE_TRITON:
         c2 = tl.load(c_base + HALF + d, mask=dm, other=0.0).to(tl.float32)
         s1 = tl.load(s_base + d, mask=dm, other=0.0).to(tl.float32)
         s2 = tl.load(s_base + HALF + d, mask=dm, other=0.0).to(tl.float32)
-        h = tl.arange(0, BLOCK_H)
-        hm = h < n_heads
-        m = hm[:, None] & dm[None, :]
-        x_base = X + b * x_sb + t * x_st + h[:, None] * x_sh + d[None, :]
-        x1 = tl.load(x_base, mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(x_base + HALF, mask=m, other=0.0).to(tl.float32)
-        if BACKWARD:
-            o1 = x1 * c1[None, :] + x2 * s2[None, :]
-            o2 = x2 * c2[None, :] - x1 * s1[None, :]
-        else:
-            o1 = x1 * c1[None, :] - x2 * s1[None, :]
-            o2 = x2 * c2[None, :] + x1 * s2[None, :]
-        y_base = Y + b * y_sb + t * y_st + h[:, None] * y_sh + d[None, :]
-        tl.store(y_base, cast_to(o1, Y.dtype.element_ty), mask=m)
-        tl.store(y_base + HALF, cast_to(o2, Y.dtype.element_ty), mask=m)
+        _rotate_heads(Q + b * q_sb + t * q_st, QO + b * qo_sb + t * qo_st, q_sh, qo_sh, n_q, c1, c2, s1, s2, d,
+                      HALF, BLOCK_HQ, BACKWARD)
+        _rotate_heads(K + b * k_sb + t * k_st, KO + b * ko_sb + t * ko_st, k_sh, ko_sh, n_k, c1, c2, s1, s2, d,
+                      HALF, BLOCK_HK, BACKWARD)
 
-    def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> torch.Tensor:
-        b, h, t, d = x.shape
-        if x.stride(-1) != 1:
-            x = x.contiguous()
-        y = torch.empty((b, h, t, d), dtype=x.dtype, device=x.device)
+    def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool):
+        q = q if q.stride(-1) == 1 else q.contiguous()
+        k = k if k.stride(-1) == 1 else k.contiguous()
+        (b, hq, t, d), hk = q.shape, k.shape[1]
+        qo, ko = torch.empty_like(q), torch.empty_like(k)  # same memory order: each program writes one run
         c_sb = 0 if cos.shape[0] == 1 else cos.stride(0)
-        _rotate[(b * t,)](x, y, cos, sin, x.stride(0), x.stride(1), x.stride(2), y.stride(0), y.stride(1), y.stride(2),
-                          c_sb, cos.stride(1), h, t, HALF=d // 2, BLOCK_H=triton.next_power_of_2(h),
-                          BLOCK_D=triton.next_power_of_2(d // 2), BACKWARD=backward)
-        return y
+        _rotate[(b * t,)](q, k, qo, ko, cos, sin, *(x.stride(i) for x in (q, k, qo, ko) for i in (0, 1, 2)),
+                          c_sb, cos.stride(1), hq, hk, t, HALF=d // 2, BLOCK_HQ=triton.next_power_of_2(hq),
+                          BLOCK_HK=triton.next_power_of_2(hk), BLOCK_D=triton.next_power_of_2(d // 2),
+                          BACKWARD=backward)
+        return qo, ko
 
 
 class _Rope(torch.autograd.Function):
@@ -82,12 +93,12 @@ class _Rope(torch.autograd.Function):
     def forward(ctx, q, k, cos, sin):
         cos, sin = cos.contiguous(), sin.contiguous()
         ctx.save_for_backward(cos, sin)
-        return _launch(q, cos, sin, False), _launch(k, cos, sin, False)
+        return _launch(q, k, cos, sin, False)
 
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
-        return _launch(dq, cos, sin, True), _launch(dk, cos, sin, True), None, None
+        return (*_launch(dq, dk, cos, sin, True), None, None)
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

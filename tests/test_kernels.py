@@ -54,7 +54,7 @@ def compare(fn_triton, fn_torch, inputs, dtype, seed=0, fp32_reference=False):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 1, 8), (3, 7, 13), (2, 5, 100), (1, 31, 96)])
+@pytest.mark.parametrize("shape", [(1, 1, 8), (3, 7, 13), (2, 5, 100), (1, 31, 96), (1, 997, 40), (2, 13, 1030)])
 def test_rms_norm(triton_backend, shape, dtype):
     g = torch.Generator().manual_seed(shape[-1])
     x = torch.randn(shape, generator=g).to(dtype)
@@ -90,12 +90,16 @@ def test_swiglu(triton_backend, shape, dtype):
 def test_selective_logprobs(triton_backend, n, h, v, temperature, dtype, monkeypatch):
     import kernels.logprobs as lp
 
-    monkeypatch.setattr(lp, "_CHUNK_ELEMENTS", 7 * v)  # several chunks of rows
+    monkeypatch.setattr(lp, "_CHUNK_ELEMENTS", 7 * v)  # several chunks of rows and of the vocabulary
     g = torch.Generator().manual_seed(v)
     hidden, weight = torch.randn(n, h, generator=g).to(dtype), (torch.randn(v, h, generator=g) / 2).to(dtype)
     targets = torch.randint(0, v, (n,), generator=g).to(DEVICE)
     compare(lambda x, w: selective_logprobs(x, w, targets, temperature),
             lambda x, w: selective_logprobs_torch(x, w, targets, temperature), (hidden, weight), dtype)
+    # frozen head (LoRA): the path that differentiates in the forward
+    frozen = weight.to(DEVICE)
+    compare(lambda x: selective_logprobs(x, frozen, targets, temperature)[0],
+            lambda x: selective_logprobs_torch(x, frozen, targets, temperature)[0], (hidden,), dtype)
 
 
 def _quantized(rows, cols, dtype, nested=True, seed=0):
