@@ -16,6 +16,7 @@ import argparse
 import functools
 import json
 import statistics
+import sys
 
 import torch
 
@@ -61,7 +62,7 @@ def copy_bandwidth_gbs() -> float:
     return 2 * x.numel() / cuda_ms(lambda: y.copy_(x)) / 1e6
 
 
-def graph_ms(fn) -> float | None:
+def graph_ms(fn, label: str = "") -> float | None:
     """Milliseconds per call of fn replayed from a CUDA graph: the GPU's time alone, without the host's
     launch and autograd overhead. None when fn cannot be captured."""
     try:
@@ -74,20 +75,26 @@ def graph_ms(fn) -> float | None:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
-        return cuda_ms(graph.replay)
-    except Exception:  # e.g. a peer that synchronizes with the host
+        ms = cuda_ms(graph.replay)
+        del graph
+        return ms
+    except Exception as e:  # e.g. a peer that synchronizes with the host
+        print(f"no CUDA graph for {label}: {type(e).__name__}: {e}"[:300], file=sys.stderr)
         torch.cuda.synchronize()
         return None
+    finally:
+        torch.cuda.empty_cache()  # a graph's private memory pool, released
 
 
-def time_op(fn, make_inputs) -> dict:
+def time_op(fn, make_inputs, label: str = "", graph: bool = True) -> dict:
     """Forward, backward (= both - forward) and forward+backward milliseconds, queued (host overhead
     included, as in eager training) and replayed from a CUDA graph (GPU time only), and the peak MiB of
     forward+backward above the inputs."""
     inputs = make_inputs()
     outs = fn(*inputs)
     outs = outs if isinstance(outs, tuple) else (outs,)
-    grads = [torch.randn_like(o) for o in outs]
+    grads = [randn(*o.shape, dtype=o.dtype) for o in outs]
+    del outs  # holding this graph would pin its gradient accumulators to the default stream (no capture)
 
     def forward():
         with torch.no_grad():
@@ -107,14 +114,36 @@ def time_op(fn, make_inputs) -> dict:
     torch.cuda.synchronize()
     row = dict(fwd_ms=fwd, bwd_ms=tot - fwd, total_ms=tot,
                peak_mib=(torch.cuda.max_memory_allocated() - base) / 2**20)
-    g_fwd, g_tot = graph_ms(forward), graph_ms(both)
+    if not graph:
+        return row
+    g_fwd, g_tot = graph_ms(forward, f"{label} forward"), graph_ms(both, f"{label} forward+backward")
     if g_fwd is not None and g_tot is not None:
         row.update(fwd_gpu_ms=g_fwd, bwd_gpu_ms=g_tot - g_fwd, total_gpu_ms=g_tot)
     return row
 
 
 def leaf(*shape, scale=1.0):
-    return (torch.randn(*shape, device="cuda", dtype=DT) * scale).requires_grad_(True)
+    return (randn(*shape, dtype=DT) * scale).requires_grad_(True)
+
+
+_GEN: torch.Generator | None = None
+
+
+def generator() -> torch.Generator:
+    """Inputs come from a generator of their own: a CUDA graph capture that fails (a peer that cannot be
+    captured) leaves the default generator unusable."""
+    global _GEN
+    if _GEN is None:
+        _GEN = torch.Generator(device="cuda").manual_seed(0)
+    return _GEN
+
+
+def randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape, device="cuda", dtype=dtype, generator=generator())
+
+
+def randint(high, n):
+    return torch.randint(0, high, (n,), device="cuda", generator=generator())
 
 
 def liger():
@@ -154,7 +183,10 @@ def bench_shape(name: str, n: int, peers) -> list[dict]:
 
     def record(op, impl, fn, make_inputs, bytes_fwd=None, bytes_bwd=None, flops=None):
         try:
-            row = dict(shape=name, op=op, impl=impl, **time_op(fn, make_inputs))
+            # Liger's fused linear cross-entropy reads a count back to the host: not capturable, and a failed
+            # capture leaves the device in a state that spoils the captures after it
+            graph = "FLCE" not in impl
+            row = dict(shape=name, op=op, impl=impl, **time_op(fn, make_inputs, f"{name} {op} {impl}", graph))
         except Exception as e:  # a peer that cannot run this shape is reported, not fatal
             rows.append(dict(shape=name, op=op, impl=impl, error=f"{type(e).__name__}: {e}"[:200]))
             return
@@ -168,9 +200,12 @@ def bench_shape(name: str, n: int, peers) -> list[dict]:
     rms_inputs = lambda: (leaf(n, hidden), leaf(hidden))  # noqa: E731
     swi_inputs = lambda: (leaf(n, inter, scale=3.0), leaf(n, inter))  # noqa: E731
     batch, seq = 1, n
-    angles = torch.randn(1, seq, hd // 2, device="cuda")
+    angles = randn(1, seq, hd // 2)
     cos, sin = torch.cat([angles.cos()] * 2, -1).to(DT), torch.cat([angles.sin()] * 2, -1).to(DT)
-    rope_inputs = lambda: (leaf(batch, seq, hq, hd).transpose(1, 2), leaf(batch, seq, hk, hd).transpose(1, 2))  # noqa: E731
+    # q and k as HF makes them: (B, T, H, D) projections seen as (B, H, T, D); leaves, so that nothing
+    # upstream of them is differentiated in the timing
+    rope_inputs = lambda: tuple(leaf(batch, seq, h, hd).transpose(1, 2).detach().requires_grad_()  # noqa: E731
+                                for h in (hq, hk))
     ops = {
         "rms_norm": (rms_inputs, {"triton": lambda x, w: rms_norm(x, w, 1e-6),
                                   "eager": lambda x, w: rms_norm_torch(x, w, 1e-6),
@@ -189,7 +224,7 @@ def bench_shape(name: str, n: int, peers) -> list[dict]:
         for impl, fn in impls.items():
             record(op, impl, fn, make, b_fwd, b_bwd)
 
-    targets = torch.randint(0, vocab, (n,), device="cuda")
+    targets = randint(vocab, n)
     for frozen in (False, True):
         # trainable head: d hidden and d weight (6NHV useful FLOPs); frozen (LoRA): d hidden only (4NHV).
         # (The chunked torch twin is a correctness reference, not a contender: tests/, not timed here.)
@@ -207,13 +242,13 @@ def bench_shape(name: str, n: int, peers) -> list[dict]:
 
     import bitsandbytes.functional as F
 
-    w = torch.randn(inter, hidden, device="cuda", dtype=DT)
+    w = randn(inter, hidden, dtype=DT)
     packed, state = F.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True)
     assert torch.equal(dequantize_nf4(packed, state), F.dequantize_4bit(packed, state))
     nbytes = w.numel() // 2 + w.numel() * 2
     for impl, fn in {"triton": lambda: dequantize_nf4(packed, state),
                      "bitsandbytes": lambda: F.dequantize_4bit(packed, state)}.items():
-        ms, gpu_ms = cuda_ms(fn), graph_ms(fn)
+        ms, gpu_ms = cuda_ms(fn), graph_ms(fn, f"{name} nf4_dequant {impl}")
         rows.append(dict(shape=name, op="nf4_dequant", impl=impl, fwd_ms=ms, fwd_gpu_ms=gpu_ms,
                          fwd_gbs=nbytes / (gpu_ms or ms) / 1e6))
     return rows
@@ -223,7 +258,7 @@ def logits_memory_rows(n: int = 16384, hidden: int = 3584, vocab: int = 151936) 
     """Peak memory of forward+backward above the inputs at N rows, against the materialized logits."""
     rows = [dict(shape=f"N={n} H={hidden} V={vocab}", op="logits memory", impl="materialized bf16 logits",
                  peak_mib=n * vocab * 2 / 2**20)]
-    targets = torch.randint(0, vocab, (n,), device="cuda")
+    targets = randint(vocab, n)
     for frozen in (False, True):
         weight = leaf(vocab, hidden, scale=0.02).requires_grad_(not frozen)
         for impl, fn in {"triton": selective_logprobs, "eager (full logits)": full_logits_logprobs}.items():
@@ -258,7 +293,7 @@ def main(argv=None) -> int:
                 json.dump({"device": torch.cuda.get_device_name(), "copy_gbs": copy, "tokens": args.tokens,
                            "rows": rows}, f, indent=1)
 
-    for name in args.shapes.split(","):
+    for name in filter(None, args.shapes.split(",")):  # --shapes "" measures only the logits memory
         rows += bench_shape(name, args.tokens, peers)
         save()
     rows += logits_memory_rows()

@@ -134,7 +134,7 @@ def _recompute_backward(hidden, weight, targets, lse, entropy, g, h, temperature
     n, v = hidden.shape[0], weight.shape[0]
     d_hidden = torch.zeros(hidden.shape, dtype=lse.dtype, device=hidden.device) if need_dh else None
     d_weight = torch.empty_like(weight) if need_dw else None
-    step = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    step = max(1, _CHUNK_ELEMENTS // 2 // max(n, 1))  # half a chunk: d hidden's fp32 accumulator is held too
     for s in range(0, v, step):
         w = weight[s:s + step]
         dz = grad_logits(hidden @ w.T, targets, lse, entropy, g, h, temperature, s)  # (N, chunk of V)
@@ -183,7 +183,11 @@ class _SelectiveLogprobs(torch.autograd.Function):
         if g_logps is None and g_entropy is None:
             return None, None, None, None, None
         if d_logp is not None and g_entropy is None:
-            d_hidden = (d_logp.to(lse.dtype) * g_logps.to(lse.dtype)[:, None]).to(hidden.dtype)
+            d_hidden = torch.empty_like(d_logp)
+            step = _rows_per_chunk(weight.shape[0])  # in chunks: no (N, H) fp32 temporaries
+            for s in range(0, d_logp.shape[0], step):
+                rows = slice(s, s + step)
+                d_hidden[rows] = d_logp[rows].to(lse.dtype) * g_logps[rows].to(lse.dtype)[:, None]
             return d_hidden, None, None, None, None
         zeros = torch.zeros_like(lse)
         g = g_logps.to(lse.dtype).contiguous() if g_logps is not None else zeros

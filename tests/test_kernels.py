@@ -90,7 +90,7 @@ def test_swiglu(triton_backend, shape, dtype):
 def test_selective_logprobs(triton_backend, n, h, v, temperature, dtype, monkeypatch):
     import kernels.logprobs as lp
 
-    monkeypatch.setattr(lp, "_CHUNK_ELEMENTS", 7 * v)  # several chunks of rows and of the vocabulary
+    monkeypatch.setattr(lp, "_CHUNK_ELEMENTS", 14 * v)  # several chunks of rows and of the vocabulary
     g = torch.Generator().manual_seed(v)
     hidden, weight = torch.randn(n, h, generator=g).to(dtype), (torch.randn(v, h, generator=g) / 2).to(dtype)
     targets = torch.randint(0, v, (n,), generator=g).to(DEVICE)

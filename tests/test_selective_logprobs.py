@@ -17,7 +17,7 @@ def reference(hidden, weight, targets, temperature):
 def test_forward_and_backward_match_reference(n, h, v, temperature, head_trainable, entropy_grad, monkeypatch):
     # a frozen head without an entropy gradient takes the path that differentiates in the forward;
     # the others recompute the logits in chunks of the vocabulary in the backward
-    monkeypatch.setattr(sl, "_CHUNK_ELEMENTS", 5 * v)  # several chunks of rows and of the vocabulary
+    monkeypatch.setattr(sl, "_CHUNK_ELEMENTS", 10 * v)  # several chunks of rows and of the vocabulary
     g = torch.Generator().manual_seed(n * 1000 + v)
     hidden = torch.randn(n, h, generator=g, requires_grad=True)
     weight = torch.randn(v, h, generator=g, requires_grad=head_trainable)
