@@ -177,7 +177,7 @@ def full_logits_logprobs(hidden, weight, targets):
     return logp.gather(1, targets[:, None]).squeeze(1)
 
 
-def bench_shape(name: str, n: int, peers) -> list[dict]:
+def bench_shape(name: str, n: int, peers, only: set[str] | None = None) -> list[dict]:
     hidden, inter, hq, hk, hd, vocab = SHAPES[name]
     rows = []
 
@@ -218,12 +218,15 @@ def bench_shape(name: str, n: int, peers) -> list[dict]:
                                "compile": torch.compile(lambda q, k: apply_rope_torch(q, k, cos, sin))},
                  4 * n * (hq + hk) * hd, 4 * n * (hq + hk) * hd),
     }
+    ops = {k: v for k, v in ops.items() if only is None or k in only}
     for op, (make, impls, b_fwd, b_bwd) in ops.items():
         if peers:
             impls = {**impls, "liger": (lambda f: (lambda *a: f(*a, cos, sin)) if op == "rope" else f)(peers[op])}
         for impl, fn in impls.items():
             record(op, impl, fn, make, b_fwd, b_bwd)
 
+    if only is not None and "selective_logprobs" not in only:
+        return rows
     targets = randint(vocab, n)
     for frozen in (False, True):
         # trainable head: d hidden and d weight (6NHV useful FLOPs); frozen (LoRA): d hidden only (4NHV).
@@ -280,6 +283,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--ops", help="only these (comma-separated: rms_norm,swiglu,rope,selective_logprobs)")
     parser.add_argument("--json", help="write all rows here")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -294,7 +298,7 @@ def main(argv=None) -> int:
                            "rows": rows}, f, indent=1)
 
     for name in filter(None, args.shapes.split(",")):  # --shapes "" measures only the logits memory
-        rows += bench_shape(name, args.tokens, peers)
+        rows += bench_shape(name, args.tokens, peers, set(args.ops.split(",")) if args.ops else None)
         save()
     rows += logits_memory_rows()
     save()

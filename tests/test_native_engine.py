@@ -27,6 +27,7 @@ def test_greedy_equals_hf_generate(shape, load_in_4bit):
     policy = tiny_policy(shape, load_in_4bit=load_in_4bit)
     model = policy.model
     engine = NativeEngine(model, policy.tokenizer)
+    assert engine.decoder is not None  # the engine's own forward over a static cache, not HF's
     params = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[])
     ours = [group[0].token_ids for group in engine.generate(PROMPTS, params)]
     assert ours == hf_greedy(model, PROMPTS, 24, policy.tokenizer.pad_token_id)
@@ -108,3 +109,35 @@ def test_sampling_distribution_matches_reference_statistically():
     assert observed[~keep].sum() == 0
     chi2 = (((observed - expected)[keep]) ** 2 / expected[keep]).sum().item()
     assert chi2 < 20.5  # 99.9th percentile of chi-square with <= 5 degrees of freedom
+
+
+@pytest.mark.parametrize("check_every", [1, 3])
+def test_static_cache_with_compaction_equals_the_dynamic_cache_path(policy, check_every):
+    """Rows stopping at different steps leave the batch (compaction into smaller buckets, the KV cache moved
+    with them); every row's output equals the HF-forward path's, which drops rows one by one."""
+    static = NativeEngine(policy.model, policy.tokenizer, check_every=check_every, length_bucket=8)
+    dynamic = NativeEngine(policy.model, policy.tokenizer)
+    dynamic.decoder = None
+    prompts = PROMPTS + [[30, 31, 32], [40], [50, 51, 52, 53, 54, 55, 56]]
+    free = static.generate(prompts, SamplingParams(max_tokens=20, temperature=0, stop_token_ids=[]))
+    stops = sorted({g[0].token_ids[k] for g, k in zip(free, (2, 4, 7, 11, 15, 19))})
+    params = SamplingParams(max_tokens=20, temperature=0, n=3, stop_token_ids=stops)
+    a, b = static.generate(prompts, params), dynamic.generate(prompts, params)
+    assert [[(c.token_ids, c.finish_reason) for c in g] for g in a] == \
+        [[(c.token_ids, c.finish_reason) for c in g] for g in b]
+    assert len({len(g[0].token_ids) for g in a}) > 2  # rows really did stop at different steps
+    for ga, gb in zip(a, b):
+        for ca, cb in zip(ga, gb):
+            torch.testing.assert_close(torch.tensor(ca.logprobs), torch.tensor(cb.logprobs), atol=1e-4, rtol=0)
+
+
+def test_mistral_sliding_window_equals_hf_generate():
+    policy = tiny_policy("tiny-mistral")
+    policy.model.config.sliding_window = 5  # far shorter than prompt + completion
+    engine = NativeEngine(policy.model, policy.tokenizer)
+    assert engine.decoder is not None and engine.decoder.window == 5
+    params = SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[])
+    ours = [group[0].token_ids for group in engine.generate(PROMPTS, params)]
+    assert ours == hf_greedy(policy.model, PROMPTS, 16, policy.tokenizer.pad_token_id)
+    engine.decoder.window = None  # the window really changes the output
+    assert [group[0].token_ids for group in engine.generate(PROMPTS, params)] != ours

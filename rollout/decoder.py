@@ -1,0 +1,160 @@
+"""The native engine's own forward for Llama-family decoders, over a preallocated KV cache.
+
+    dec = Decoder.for_model(hf_causal_lm)                # None for an architecture it does not know
+    cache = dec.new_cache(rows, length)
+    logits = dec.prefill(cache, ids, mask)               # left-padded prompts -> last logits (P, V)
+    logits = dec.decode(cache, tokens, positions, slot, length)   # one token per row -> (B, V)
+
+It reads the policy's modules in place: norms, projections (plain, peft LoRA-wrapped, bitsandbytes 4-bit),
+MLPs, the rotary embedding and the head are called as they are, so the live adapters are always the ones
+generating and no weight is ever copied. What it replaces is HF's attention plumbing: K and V go into
+fixed-size per-layer buffers at a slot that is the same for every row (prompts are left-padded), and a
+boolean `valid` mask per row says which slots hold real tokens. Every tensor has a fixed shape for a given
+(rows, attended length), which is what lets the engine capture decode steps in CUDA graphs.
+
+Families: llama, qwen2, qwen3 (per-head q/k norms), mistral (sliding window as a mask over slots).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kernels.rope import apply_rope_torch
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+
+
+@dataclass
+class KVCache:
+    keys: list[torch.Tensor]  # per layer (rows, kv heads, length, head dim)
+    values: list[torch.Tensor]
+    valid: torch.Tensor  # (rows, length) bool: the slot holds a token of this row
+
+    @property
+    def rows(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.valid.shape[1]
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        """Move rows `keep` to the front (in place, same buffers: captured graphs stay valid)."""
+        k = keep.numel()
+        for buf in (*self.keys, *self.values, self.valid):
+            buf[:k] = buf.index_select(0, keep)
+
+
+class Decoder:
+    def __init__(self, lm):
+        self.lm = lm
+        self.body = lm.model
+        cfg = lm.config
+        self.layers = list(self.body.layers)
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.scale = self.head_dim ** -0.5
+        self.window = getattr(cfg, "sliding_window", None) if cfg.model_type == "mistral" else None
+        self.qk_norm = hasattr(self.layers[0].self_attn, "q_norm")
+
+    @classmethod
+    def for_model(cls, model) -> Decoder | None:
+        lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        cfg = getattr(lm, "config", None)
+        if getattr(cfg, "model_type", None) not in FAMILIES or not hasattr(lm, "model"):
+            return None
+        layers = getattr(lm.model, "layers", None)
+        if not layers or not hasattr(lm.model, "rotary_emb"):
+            return None
+        if getattr(cfg, "use_sliding_window", False) and cfg.model_type != "mistral":
+            return None  # Qwen2's per-layer windows: HF's forward handles them
+        if (getattr(cfg, "rope_scaling", None) or {}).get("rope_type") == "dynamic":
+            return None  # its frequencies depend on the sequence length seen, on the host
+        attn = layers[0].self_attn
+        if not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            return None
+        return cls(lm)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.body.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.body.embed_tokens.weight.device
+
+    def new_cache(self, rows: int, length: int) -> KVCache:
+        shape = (rows, self.n_kv, length, self.head_dim)
+        make = lambda: torch.zeros(shape, dtype=self.dtype, device=self.device)  # noqa: E731
+        return KVCache([make() for _ in self.layers], [make() for _ in self.layers],
+                       torch.zeros((rows, length), dtype=torch.bool, device=self.device))
+
+    def kv_bytes_per_token(self) -> int:
+        return 2 * len(self.layers) * self.n_kv * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    # ------------------------------------------------------------------ the two entry points
+
+    def prefill(self, cache: KVCache, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """ids, mask (P, W), left-padded, into cache rows 0..P-1, slots 0..W-1 -> last logits (P, V)."""
+        p, w = ids.shape
+        mask = mask.bool()
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        causal = torch.ones((w, w), dtype=torch.bool, device=ids.device).tril()
+        attend = causal[None] & mask[:, None, :]  # (P, W queries, W keys)
+        if self.window is not None:
+            attend &= ~torch.ones((w, w), dtype=torch.bool, device=ids.device).tril(-self.window)[None]
+        attend |= torch.eye(w, dtype=torch.bool, device=ids.device)[None]  # a pad query sees itself: no NaN rows
+        cache.valid[:p, :w] = mask
+        slots = torch.arange(w, device=ids.device)
+        h = self._layers(cache, self.body.embed_tokens(ids), positions, slots, attend[:, None], p, w)
+        return self.lm.lm_head(self.body.norm(h[:, -1]))
+
+    def decode(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
+               length: int) -> torch.Tensor:
+        """tokens, positions (B,) at slot (a 1-element device tensor) of rows 0..B-1, attending to the first
+        `length` slots -> logits (B, V). No host synchronization: safe to capture in a CUDA graph."""
+        b = tokens.shape[0]
+        cache.valid[:b].index_fill_(1, slot, True)
+        valid = cache.valid[:b, :length]
+        if self.window is not None:
+            valid = valid & (torch.arange(length, device=slot.device) > slot - self.window)
+        h = self._layers(cache, self.body.embed_tokens(tokens[:, None]), positions[:, None], slot,
+                         valid[:, None, None, :], b, length)
+        return self.lm.lm_head(self.body.norm(h[:, -1]))
+
+    # ------------------------------------------------------------------ the layers
+
+    def _layers(self, cache, h, positions, slots, attend, rows, length):
+        cos, sin = self.body.rotary_emb(h, positions)
+        for i, layer in enumerate(self.layers):
+            x = layer.input_layernorm(h)
+            h = h + self._attention(layer.self_attn, x, cos, sin, cache.keys[i], cache.values[i], slots, attend,
+                                    rows, length)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return h
+
+    def _attention(self, attn, x, cos, sin, k_cache, v_cache, slots, attend, rows, length):
+        b, t, _ = x.shape
+        q = attn.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = attn.k_proj(x).view(b, t, self.n_kv, self.head_dim)
+        v = attn.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = apply_rope_torch(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        k_cache[:rows].index_copy_(2, slots, k)
+        v_cache[:rows].index_copy_(2, slots, v)
+        keys, values = k_cache[:rows, :, :length], v_cache[:rows, :, :length]
+        group = self.n_heads // self.n_kv
+        if t == 1:
+            # the query heads that share a KV head become that head's queries: no copy of K and V
+            out = F.scaled_dot_product_attention(q.reshape(b, self.n_kv, group, self.head_dim), keys, values,
+                                                 attn_mask=attend, scale=self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, keys.repeat_interleave(group, 1),
+                                                 values.repeat_interleave(group, 1), attn_mask=attend,
+                                                 scale=self.scale)
+        return attn.o_proj(out.reshape(b, self.n_heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1))
