@@ -84,6 +84,10 @@ class Decoder:
         return self.body.embed_tokens.weight.dtype
 
     @property
+    def vocab_size(self) -> int:
+        return self.lm.lm_head.weight.shape[0]
+
+    @property
     def device(self) -> torch.device:
         return self.body.embed_tokens.weight.device
 

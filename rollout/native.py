@@ -18,40 +18,17 @@ most half of the current one is live. Other architectures run HF's forward with 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from transformers import DynamicCache
 
-from rollout.decoder import Decoder, KVCache
+from rollout.decode_state import DecodeState
+from rollout.decoder import Decoder
 from rollout.engine import Completion, SamplingParams
+from rollout.sampling import filter_logits, sample_tokens, sample_with_noise  # noqa: F401 (re-exported)
 
-
-def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Temperature, top-k and top-p applied to (rows, V) logits; filtered entries become -inf (fp32)."""
-    z = logits.float() / params.temperature
-    if params.top_k > 0 and params.top_k < z.shape[-1]:
-        kth = torch.topk(z, params.top_k, dim=-1).values[:, -1:]
-        z = z.masked_fill(z < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_z, order = torch.sort(z, dim=-1, descending=True)
-        probs = torch.softmax(sorted_z, dim=-1)
-        # drop a token when the mass of the tokens before it already reaches top_p (the first always stays)
-        drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        z = z.masked_fill(drop, float("-inf"))
-    return z
-
-
-def sample_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None):
-    """-> (tokens (rows,), logprobs (rows,)) under the distribution sampled from. Greedy when temperature=0."""
-    if params.temperature == 0:
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        tokens = torch.argmax(logits, dim=-1)
-    else:
-        logp = torch.log_softmax(filter_logits(logits, params), dim=-1)
-        # Gumbel-max in its exponential form: argmax p / E with E ~ Exp(1) samples from p, with no host sync
-        noise = torch.empty_like(logp).exponential_(generator=generator)
-        tokens = torch.argmax(logp.exp() / noise, dim=-1)
-    return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+log = logging.getLogger("tandem")
 
 
 def _stop_ids(model, tokenizer, params: SamplingParams) -> list[int]:
@@ -79,9 +56,10 @@ class NativeEngine:
         self.cuda_graphs = cuda_graphs
         self.check_every = check_every
         self.length_bucket = length_bucket
-        self.cache: KVCache | None = None
+        self.state: DecodeState | None = None
         self._graphs: dict = {}
         self._pool = None
+        self._stop_tensors: dict[tuple, torch.Tensor] = {}
 
     @property
     def device(self) -> torch.device:
@@ -101,8 +79,8 @@ class NativeEngine:
         return self._completions(tokens, logps, lengths, stopped, len(prompt_token_ids), params.n)
 
     def release(self) -> None:
-        """Free the KV cache and the captured graphs (the next rollout allocates and captures again)."""
-        self.cache, self._graphs, self._pool = None, {}, None
+        """Free the KV cache, the decode state and the captured graphs (the next rollout makes them again)."""
+        self.state, self._graphs, self._pool = None, {}, None
 
     # ------------------------------------------------------------------ static cache, CUDA graphs
 
@@ -115,22 +93,22 @@ class NativeEngine:
             mask[i, width - len(p):] = True
         return ids.to(self.device), mask.to(self.device)
 
-    def _cache_for(self, rows: int, length: int) -> KVCache:
-        dec = self.decoder
-        fits = self.cache is not None and self.cache.rows >= rows and self.cache.length >= length
-        if not fits or self.cache.keys[0].dtype != dec.dtype:
-            self.release()  # graphs point into the old buffers
-            self.cache = dec.new_cache(rows, length)
-        self.cache.valid.zero_()
-        return self.cache
+    def _state_for(self, rows: int, length: int, vocab: int) -> DecodeState:
+        st = self.state
+        fits = st is not None and st.rows >= rows and st.length >= length and st.vocab == vocab
+        if not fits or st.cache.keys[0].dtype != self.decoder.dtype:
+            self.release()  # captured graphs point into the old buffers
+            self.state = st = DecodeState.allocate(self.decoder, rows, length, vocab)
+        st.cache.valid.zero_()
+        return st
 
     def _generate_static(self, prompts: list[list[int]], params: SamplingParams):
         dec, n, dev = self.decoder, params.n, self.device
         ids, mask = self._left_padded(prompts)
-        width = ids.shape[1]
-        rows = len(prompts) * n
+        width, rows = ids.shape[1], len(prompts) * n
         batch = _bucket(rows)
-        cache = self._cache_for(batch, width + params.max_tokens)
+        st = self._state_for(batch, width + params.max_tokens, dec.vocab_size)
+        cache = st.cache
         logits = dec.prefill(cache, ids, mask)
         positions = mask.sum(-1)  # the next token's position in each prompt
         if n > 1:  # the prompt's KV is computed once and copied to its n samples
@@ -138,87 +116,75 @@ class NativeEngine:
                 buf[:rows, :, :width] = buf[:len(prompts), :, :width].repeat_interleave(n, 0)
             cache.valid[:rows, :width] = cache.valid[:len(prompts), :width].repeat_interleave(n, 0)
             logits, positions = logits.repeat_interleave(n, 0), positions.repeat_interleave(n, 0)
-        # rows beyond `rows` up to the bucket are placeholders: finished from the start, written to a
-        # scratch output row (index `rows`)
-        pad_rows = batch - rows
-        logits = torch.cat([logits, logits.new_zeros((pad_rows, logits.shape[1]))])
-        positions = torch.cat([positions, positions.new_zeros(pad_rows)])
-        out_row = torch.cat([torch.arange(rows, device=dev), torch.full((pad_rows,), rows, device=dev)])
-        finished = out_row == rows
+        # rows from `rows` up to the bucket are placeholders: finished from the start, flushed to a scratch
+        # output row (index `rows`)
+        st.start(batch, rows, positions, width, params.max_tokens)
+        out_row = torch.cat([torch.arange(rows, device=dev), torch.full((batch - rows,), rows, device=dev)])
+        out = (torch.full((rows + 1, params.max_tokens), self.pad_id, dtype=torch.long, device=dev),
+               torch.zeros((rows + 1, params.max_tokens), dtype=torch.float32, device=dev),
+               torch.full((rows + 1,), params.max_tokens, dtype=torch.long, device=dev),
+               torch.zeros(rows + 1, dtype=torch.bool, device=dev))
 
         generator = None
         if params.seed is not None and params.temperature > 0:
             generator = torch.Generator(device=dev).manual_seed(params.seed)
-        stop_ids = torch.tensor(_stop_ids(self.model, self.tokenizer, params), device=dev, dtype=torch.long)
-        out_tokens = torch.full((rows + 1, params.max_tokens), self.pad_id, dtype=torch.long, device=dev)
-        out_logps = torch.zeros((rows + 1, params.max_tokens), dtype=torch.float32, device=dev)
-        lengths = torch.full((rows + 1,), params.max_tokens, dtype=torch.long, device=dev)
-        stopped = torch.zeros(rows + 1, dtype=torch.bool, device=dev)
-        for t in range(params.max_tokens):
-            tok, lp = sample_tokens(logits, params, generator)
-            newly = ~finished & torch.isin(tok, stop_ids)
-            out_tokens[out_row, t] = torch.where(finished, self.pad_id, tok)
-            out_logps[out_row, t] = torch.where(finished, 0.0, lp)
-            lengths[out_row] = torch.where(newly, t + 1, lengths[out_row])
-            stopped[out_row] |= newly
-            finished = finished | newly
-            if t == params.max_tokens - 1:
-                break
-            if (t + 1) % self.check_every == 0:
-                live = (~finished).nonzero().squeeze(1)  # the one host synchronization, every few steps
+        stop_ids = tuple(_stop_ids(self.model, self.tokenizer, params))
+        if stop_ids not in self._stop_tensors:  # kept: captured graphs read it at its address
+            self._stop_tensors[stop_ids] = torch.tensor(stop_ids, device=dev, dtype=torch.long)
+        stop_t = self._stop_tensors[stop_ids]
+        self._draw_noise(st, batch, params, generator)
+        logits = torch.cat([logits, logits.new_zeros((batch - rows, logits.shape[1]))])  # placeholder rows
+        st.record(logits, batch, params, stop_t, self.pad_id)  # token 0, from the prefill
+        for t in range(1, params.max_tokens):
+            if t % self.check_every == 0:
+                live = (~st.finished[:batch]).nonzero().squeeze(1)  # the one host synchronization, every few steps
                 if live.numel() == 0:
                     break
-                if live.numel() <= tok.shape[0] // 2:
-                    tok, positions, out_row, finished = self._compact(cache, live, tok, positions, out_row, rows)
-            slot = width + t
-            length = min(cache.length, -(-(slot + 1) // self.length_bucket) * self.length_bucket)
-            logits = self._decode(cache, tok, positions, slot, length)
-            positions = positions + 1
-        return out_tokens[:rows].cpu(), out_logps[:rows].cpu(), lengths[:rows].cpu(), stopped[:rows].cpu()
+                if live.numel() <= batch // 2:
+                    st.flush(batch, out_row, out, params.max_tokens)  # rows about to leave keep their tokens
+                    out_row = st.compact(live, out_row, rows)
+                    batch = out_row.numel()
+            slot = width + t - 1  # where token t-1's K and V go
+            length = min(st.length, -(-(slot + 1) // self.length_bucket) * self.length_bucket)
+            self._draw_noise(st, batch, params, generator)
+            self._step(st, batch, length, params, stop_ids, stop_t)
+        st.flush(batch, out_row, out, params.max_tokens)
+        return tuple(x[:rows].cpu() for x in out)
 
-    def _compact(self, cache, live, tok, positions, out_row, rows):
-        """Live rows to the front of the cache and of the step's tensors, in the smallest bucket that holds them."""
-        k, batch = live.numel(), _bucket(live.numel())
-        cache.select_rows(live)
-        pad = batch - k
-        tok = torch.cat([tok[live], tok.new_zeros(pad)])
-        positions = torch.cat([positions[live], positions.new_zeros(pad)])
-        out_row = torch.cat([out_row[live], out_row.new_full((pad,), rows)])
-        return tok, positions, out_row, out_row == rows
+    def _draw_noise(self, st, batch, params, generator):
+        if params.temperature > 0:  # drawn outside the graph: the generator's state advances on the host
+            st.noise[:batch].exponential_(generator=generator)
 
-    def _decode(self, cache, tok, positions, slot: int, length: int) -> torch.Tensor:
-        slot_t = torch.tensor([slot], device=tok.device)
-        if not (self.cuda_graphs and tok.is_cuda):
-            return self.decoder.decode(cache, tok, positions, slot_t, length)
-        key = (tok.shape[0], length, self._module_state())
-        if key not in self._graphs:
-            self._graphs[key] = self._capture(cache, tok.shape[0], length)
-        graph, in_tok, in_pos, in_slot, out = self._graphs[key]
-        in_tok.copy_(tok)
-        in_pos.copy_(positions)
-        in_slot.copy_(slot_t)
-        graph.replay()
-        return out
-
-    def _capture(self, cache, batch: int, length: int):
-        """One decode step of `batch` rows over `length` slots, captured. The warm-up and the capture run on
-        a side stream with the inputs of a real step; replaying it right after redoes that step's writes."""
-        dev = self.device
-        in_tok = torch.zeros(batch, dtype=torch.long, device=dev)
-        in_pos = torch.zeros(batch, dtype=torch.long, device=dev)
-        in_slot = torch.zeros(1, dtype=torch.long, device=dev)
-        step = lambda: self.decoder.decode(cache, in_tok, in_pos, in_slot, length)  # noqa: E731
+    def _step(self, st, batch: int, length: int, params, stop_ids: tuple, stop_t):
+        """Decode one token for rows 0..batch-1 and sample the next: replayed from a CUDA graph on CUDA."""
+        run = lambda: st.advance(self.decoder, batch, length, params, stop_t, self.pad_id)  # noqa: E731
+        if not (self.cuda_graphs and st.tok.is_cuda):
+            return run()
+        key = (batch, length, self._module_state(), params.temperature, params.top_k, params.top_p, stop_ids)
+        graph = self._graphs.get(key)
+        if graph is not None:
+            graph.replay()
+            return
+        # first time for this shape: the warm-up run on a side stream is this step, for real; the capture
+        # that follows only records (nothing runs), so it is not replayed now
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            step()
+            run()
         torch.cuda.current_stream().wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            out = step()
-        return graph, in_tok, in_pos, in_slot, out
+        try:
+            with torch.cuda.graph(graph, pool=self._pool):
+                run()
+        except RuntimeError as e:  # a module that synchronizes with the host cannot be captured
+            log.warning("native engine: decode steps cannot be captured in CUDA graphs (%s); running them "
+                        "eagerly, which is slower", str(e).splitlines()[0][:200])
+            self.cuda_graphs = False
+            torch.cuda.synchronize()
+            return
+        self._graphs[key] = graph
 
     def _module_state(self):
         """What a captured graph baked in besides tensors: which adapters were active, or none."""
