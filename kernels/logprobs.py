@@ -142,6 +142,7 @@ def _recompute_backward(hidden, weight, targets, lse, entropy, g, h, temperature
             d_hidden += dz @ w
         if d_weight is not None:
             torch.mm(dz.T, hidden, out=d_weight[s:s + step])
+        del dz  # before the next chunk is allocated: one chunk of logits alive at a time, not two
     return (d_hidden.to(hidden.dtype) if d_hidden is not None else None), d_weight
 
 
@@ -171,6 +172,8 @@ class _SelectiveLogprobs(torch.autograd.Function):
             if eager_grad:
                 dz = grad_logits(z, targets[rows], lse[rows], entropy[rows], ones[rows], zeros[rows], temperature, 0)
                 torch.mm(dz, weight, out=d_logp[rows])
+                del dz
+            del z  # before the next chunk is allocated: one chunk of logits alive at a time, not two
         ctx.save_for_backward(hidden, weight, targets, lse, entropy, d_logp)
         ctx.temperature, ctx.triton_path = temperature, triton_path
         ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as zeros

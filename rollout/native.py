@@ -200,19 +200,13 @@ class NativeEngine:
 
     def _prefill(self, prompts: list[list[int]]):
         """Left-padded prompts -> (last logits (P, V), cache, attention mask (P, L), next positions (P,))."""
-        lens = torch.tensor([len(p) for p in prompts])
-        width = int(lens.max())
-        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)  # (P, L)
-        mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):] = torch.tensor(p)
-            mask[i, width - len(p):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = self._left_padded(prompts)
+        mask = mask.long()
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1, :], cache, mask, lens.to(self.device)
+        return out.logits[:, -1, :], cache, mask, mask.sum(-1)
 
     def _generate(self, prompts: list[list[int]], params: SamplingParams):
         logits, cache, mask, next_pos = self._prefill(prompts)
