@@ -1,13 +1,15 @@
 """Rollout benchmark: the native engine against HF generate (eager and static cache), on one CUDA GPU.
 
     python benchmarks/bench_rollout.py [--shapes qwen2.5-1.5b,qwen2.5-7b] [--quant bf16,nf4]
-        [--batches 8x256,64x1024,256x1024] [--impls native,hf-eager,hf-static] [--json out.json]
+        [--batches 8x256,64x1024,256x1024] [--impls native,native-modules,hf-eager,hf-static] [--json out.json]
 
-Random-init models of real shapes (vocabulary cut to the tokenizer's 49,152) with LoRA r16 on all
-projections, as in GRPO. Every row generates exactly its token budget (no stop tokens), sampling at
-temperature 1. Per run: generated tokens/s, and for the native engine the mean decode step against the
-bandwidth floor of that step, (weight bytes + KV bytes attended) / device-to-device copy bandwidth measured
-in the same run. The first call of each (shape, batch) is a warm-up that pays capture and compile costs.
+Random-init models of real shapes (vocabulary cut to the tokenizer's 49,152) with LoRA r16 on all projections,
+as in GRPO. Every row generates exactly its token budget (no stop tokens), sampling at temperature 1. `native`
+decodes through merged working weights (base + LoRA, one matmul per projection group), `native-modules`
+through the policy's LoRA-wrapped modules. Per run: generated tokens/s, and for the native engine the mean
+decode step against the bandwidth floor of that step, (weight bytes + KV bytes attended) / device-to-device
+copy bandwidth measured in the same run. The first call of each (shape, batch) is a warm-up that pays capture
+and compile costs.
 """
 
 from __future__ import annotations
@@ -47,6 +49,20 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def decode_weight_bytes(engine, model) -> int:
+    """Bytes of weights a decode step reads: every parameter once, the projections as the engine reads them
+    (merged working copy, or the base (4-bit when quantized) plus the adapters)."""
+    from rollout.merged import MergedWeights
+
+    dec = engine.decoder
+    if dec.merged is None:
+        return weight_bytes(model)
+    projections = {id(p) for layer in dec.layers for group in MergedWeights.groups(layer) for m in group
+                   for p in m.parameters()}
+    rest = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in projections)
+    return rest + MergedWeights.nbytes(dec)
+
+
 def timed(fn) -> float:
     torch.cuda.synchronize()
     t = time.perf_counter()
@@ -60,10 +76,10 @@ def prompts(batch: int, vocab: int) -> list[list[int]]:
     return torch.randint(100, vocab, (batch, PROMPT_TOKENS), generator=g).tolist()
 
 
-def run_native(model, tokenizer, batch: int, tokens: int) -> dict:
+def run_native(model, tokenizer, batch: int, tokens: int, merge_lora: bool) -> dict:
     from rollout import NativeEngine, SamplingParams
 
-    engine = NativeEngine(model, tokenizer)
+    engine = NativeEngine(model, tokenizer, merge_lora=merge_lora)
     ps = prompts(batch, len(tokenizer))
     params = SamplingParams(max_tokens=tokens, temperature=1.0, stop_token_ids=[], seed=0)
     engine.generate(ps, params)  # warm-up: cache allocation and graph capture
@@ -76,7 +92,7 @@ def run_native(model, tokenizer, batch: int, tokens: int) -> dict:
                for t in range(tokens - 1)]
     kv = batch * engine.decoder.kv_bytes_per_token() * sum(buckets) / len(buckets)
     out = dict(seconds=total, tokens_per_s=batch * tokens / total, step_ms=step * 1e3, prefill_ms=prefill * 1e3,
-               kv_bytes=kv, captured_graphs=len(engine._graphs))
+               kv_bytes=kv, weight_bytes=decode_weight_bytes(engine, model), captured_graphs=len(engine._graphs))
     engine.release()
     return out
 
@@ -100,7 +116,7 @@ def main(argv=None) -> int:
     parser.add_argument("--shapes", default="qwen2.5-1.5b,qwen2.5-7b")
     parser.add_argument("--quant", default="bf16,nf4")
     parser.add_argument("--batches", default="8x256,64x1024,256x1024")
-    parser.add_argument("--impls", default="native,hf-eager,hf-static")
+    parser.add_argument("--impls", default="native,native-modules,hf-eager,hf-static")
     parser.add_argument("--json", help="write all rows here (after every row)")
     args = parser.parse_args(argv)
     bandwidth = copy_bandwidth_gbs()
@@ -115,9 +131,9 @@ def main(argv=None) -> int:
                 for impl in args.impls.split(","):
                     row = dict(shape=shape, quant=quant, batch=batch, tokens=tokens, impl=impl, weight_bytes=wbytes)
                     try:
-                        if impl == "native":
-                            row.update(run_native(model, tokenizer, batch, tokens))
-                            floor_ms = (wbytes + row["kv_bytes"]) / bandwidth / 1e6
+                        if impl in ("native", "native-modules"):
+                            row.update(run_native(model, tokenizer, batch, tokens, merge_lora=impl == "native"))
+                            floor_ms = (row["weight_bytes"] + row["kv_bytes"]) / bandwidth / 1e6
                             row.update(floor_ms=floor_ms, step_over_floor=row["step_ms"] / floor_ms)
                         else:
                             row.update(run_hf(model, tokenizer, batch, tokens, static=impl == "hf-static"))

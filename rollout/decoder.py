@@ -5,12 +5,14 @@
     logits = dec.prefill(cache, ids, mask)               # left-padded prompts -> last logits (P, V)
     logits = dec.decode(cache, tokens, positions, slot, length)   # one token per row -> (B, V)
 
-It reads the policy's modules in place: norms, projections (plain, peft LoRA-wrapped, bitsandbytes 4-bit),
-MLPs, the rotary embedding and the head are called as they are, so the live adapters are always the ones
-generating and no weight is ever copied. What it replaces is HF's attention plumbing: K and V go into
-fixed-size per-layer buffers at a slot that is the same for every row (prompts are left-padded), and a
-boolean `valid` mask per row says which slots hold real tokens. Every tensor has a fixed shape for a given
-(rows, attended length), which is what lets the engine capture decode steps in CUDA graphs.
+It reads the policy's modules in place: projections (plain, peft LoRA-wrapped, bitsandbytes 4-bit), MLPs,
+the rotary embedding and the head are called as they are, so the live adapters are always the ones
+generating; or, when the engine has made them (rollout/merged.py), through merged working weights, one
+matmul per projection group. Norms, RoPE and SwiGLU go through Tandem's kernels (Triton on CUDA).
+What it replaces is HF's attention plumbing: K and V go into fixed-size per-layer buffers at a slot that is
+the same for every row (prompts are left-padded), and a boolean `valid` mask per row says which slots hold
+real tokens. Every tensor has a fixed shape for a given (rows, attended length), which is what lets the
+engine capture decode steps in CUDA graphs.
 
 Families: llama, qwen2, qwen3 (per-head q/k norms), mistral (sliding window as a mask over slots).
 """
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels.rope import apply_rope_torch
+from kernels import apply_rope, rms_norm, swiglu
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -60,6 +62,7 @@ class Decoder:
         self.scale = self.head_dim ** -0.5
         self.window = getattr(cfg, "sliding_window", None) if cfg.model_type == "mistral" else None
         self.qk_norm = hasattr(self.layers[0].self_attn, "q_norm")
+        self.merged = None  # rollout.merged.MergedWeights, set by the engine when it merges LoRA for decoding
 
     @classmethod
     def for_model(cls, model) -> Decoder | None:
@@ -135,20 +138,33 @@ class Decoder:
     def _layers(self, cache, h, positions, slots, attend, rows, length):
         cos, sin = self.body.rotary_emb(h, positions)
         for i, layer in enumerate(self.layers):
-            x = layer.input_layernorm(h)
-            h = h + self._attention(layer.self_attn, x, cos, sin, cache.keys[i], cache.values[i], slots, attend,
-                                    rows, length)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            merged = self.merged.layers[i] if self.merged is not None else None
+            x = _norm(layer.input_layernorm, h)
+            h = h + self._attention(layer.self_attn, merged, x, cos, sin, cache.keys[i], cache.values[i], slots,
+                                    attend, rows, length)
+            x = _norm(layer.post_attention_layernorm, h)
+            h = h + (self._mlp(merged, x) if merged is not None else layer.mlp(x))
         return h
 
-    def _attention(self, attn, x, cos, sin, k_cache, v_cache, slots, attend, rows, length):
+    def _qkv(self, attn, merged, x):
+        if merged is None:
+            return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        qkv = F.linear(x, merged.qkv, merged.qkv_bias)
+        return qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], -1)
+
+    def _mlp(self, merged, x):
+        gate, up = F.linear(x, merged.gate_up).chunk(2, dim=-1)
+        return F.linear(swiglu(gate, up), merged.down)
+
+    def _attention(self, attn, merged, x, cos, sin, k_cache, v_cache, slots, attend, rows, length):
         b, t, _ = x.shape
-        q = attn.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = attn.k_proj(x).view(b, t, self.n_kv, self.head_dim)
-        v = attn.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self._qkv(attn, merged, x)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv, self.head_dim)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         if self.qk_norm:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = apply_rope_torch(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
+        q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         k_cache[:rows].index_copy_(2, slots, k)
         v_cache[:rows].index_copy_(2, slots, v)
         keys, values = k_cache[:rows, :, :length], v_cache[:rows, :, :length]
@@ -161,4 +177,12 @@ class Decoder:
             out = F.scaled_dot_product_attention(q, keys.repeat_interleave(group, 1),
                                                  values.repeat_interleave(group, 1), attn_mask=attend,
                                                  scale=self.scale)
-        return attn.o_proj(out.reshape(b, self.n_heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1))
+        out = out.reshape(b, self.n_heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
+        return attn.o_proj(out) if merged is None else F.linear(out, merged.o)
+
+
+def _norm(module, x):
+    """HF's RMSNorm modules through Tandem's kernel (one launch instead of eight); others as they are."""
+    if hasattr(module, "variance_epsilon") and getattr(module, "weight", None) is not None:
+        return rms_norm(x, module.weight, module.variance_epsilon)
+    return module(x)

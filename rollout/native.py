@@ -26,6 +26,7 @@ from transformers import DynamicCache
 from rollout.decode_state import DecodeState
 from rollout.decoder import Decoder
 from rollout.engine import Completion, SamplingParams
+from rollout.merged import MergedWeights
 from rollout.sampling import filter_logits, sample_tokens, sample_with_noise  # noqa: F401 (re-exported)
 
 log = logging.getLogger("tandem")
@@ -47,7 +48,7 @@ def _bucket(n: int) -> int:
 
 class NativeEngine:
     def __init__(self, model, tokenizer=None, cuda_graphs: bool = True, check_every: int = 8,
-                 length_bucket: int = 256):
+                 length_bucket: int = 256, merge_lora: bool | None = None):
         self.model = model
         self.tokenizer = tokenizer
         pad = getattr(tokenizer, "pad_token_id", None)
@@ -56,6 +57,7 @@ class NativeEngine:
         self.cuda_graphs = cuda_graphs
         self.check_every = check_every
         self.length_bucket = length_bucket
+        self.merge_lora = merge_lora  # None: when the merged copy takes at most half the free memory
         self.state: DecodeState | None = None
         self._graphs: dict = {}
         self._pool = None
@@ -79,8 +81,35 @@ class NativeEngine:
         return self._completions(tokens, logps, lengths, stopped, len(prompt_token_ids), params.n)
 
     def release(self) -> None:
-        """Free the KV cache, the decode state and the captured graphs (the next rollout makes them again)."""
+        """Free the KV cache, the decode state, the captured graphs and the merged weights (the next rollout
+        makes them again)."""
+        self._drop_state()
+        if self.decoder is not None:
+            self.decoder.merged = None
+
+    def _drop_state(self) -> None:
         self.state, self._graphs, self._pool = None, {}, None
+
+    def _prepare_weights(self) -> None:
+        """Merged working weights for decoding when allowed and affordable; refreshed from the live adapters
+        before every rollout."""
+        dec = self.decoder
+        if self.merge_lora is False:
+            return
+        if dec.merged is not None:
+            dec.merged.refresh()
+            return
+        need = MergedWeights.nbytes(dec)
+        if self.merge_lora is None and dec.device.type == "cuda" and need > torch.cuda.mem_get_info()[0] // 2:
+            log.info("native engine: decoding through the policy's modules (merged weights would take %.1f GB)",
+                     need / 1e9)
+            self.merge_lora = False
+            return
+        dec.merged = MergedWeights.build(dec)
+        if dec.merged is None:
+            log.info("native engine: these layers cannot be merged (DoRA or another activation); decoding "
+                     "through the policy's modules")
+            self.merge_lora = False
 
     # ------------------------------------------------------------------ static cache, CUDA graphs
 
@@ -97,7 +126,7 @@ class NativeEngine:
         st = self.state
         fits = st is not None and st.rows >= rows and st.length >= length and st.vocab == vocab
         if not fits or st.cache.keys[0].dtype != self.decoder.dtype:
-            self.release()  # captured graphs point into the old buffers
+            self._drop_state()  # captured graphs point into the old buffers
             self.state = st = DecodeState.allocate(self.decoder, rows, length, vocab)
         st.cache.valid.zero_()
         return st
@@ -107,6 +136,7 @@ class NativeEngine:
         ids, mask = self._left_padded(prompts)
         width, rows = ids.shape[1], len(prompts) * n
         batch = _bucket(rows)
+        self._prepare_weights()
         st = self._state_for(batch, width + params.max_tokens, dec.vocab_size)
         cache = st.cache
         logits = dec.prefill(cache, ids, mask)
@@ -160,7 +190,8 @@ class NativeEngine:
         run = lambda: st.advance(self.decoder, batch, length, params, stop_t, self.pad_id)  # noqa: E731
         if not (self.cuda_graphs and st.tok.is_cuda):
             return run()
-        key = (batch, length, self._module_state(), params.temperature, params.top_k, params.top_p, stop_ids)
+        key = (batch, length, self._module_state(), self.decoder.merged is not None, params.temperature,
+               params.top_k, params.top_p, stop_ids)
         graph = self._graphs.get(key)
         if graph is not None:
             graph.replay()

@@ -21,12 +21,13 @@ def hf_greedy(model, prompts, max_new_tokens, pad_id):
     return out[:, width:].tolist()
 
 
+@pytest.mark.parametrize("merge_lora", [True, False])
 @pytest.mark.parametrize("shape,load_in_4bit", [("tiny", False), ("tiny-qwen2", True), ("tiny-qwen3", False),
                                                 ("tiny-mistral", True)])
-def test_greedy_equals_hf_generate(shape, load_in_4bit):
+def test_greedy_equals_hf_generate(shape, load_in_4bit, merge_lora):
     policy = tiny_policy(shape, load_in_4bit=load_in_4bit)
     model = policy.model
-    engine = NativeEngine(model, policy.tokenizer)
+    engine = NativeEngine(model, policy.tokenizer, merge_lora=merge_lora)
     assert engine.decoder is not None  # the engine's own forward over a static cache, not HF's
     params = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[])
     ours = [group[0].token_ids for group in engine.generate(PROMPTS, params)]
@@ -141,3 +142,30 @@ def test_mistral_sliding_window_equals_hf_generate():
     assert ours == hf_greedy(policy.model, PROMPTS, 16, policy.tokenizer.pad_token_id)
     engine.decoder.window = None  # the window really changes the output
     assert [group[0].token_ids for group in engine.generate(PROMPTS, params)] != ours
+
+
+def test_merged_weights_follow_the_live_adapters():
+    """After an optimizer-like in-place update of the adapters, the next rollout decodes with the new ones."""
+    policy = tiny_policy("tiny-qwen2", load_in_4bit=True)
+    engine = NativeEngine(policy.model, policy.tokenizer, merge_lora=True)
+    params = SamplingParams(max_tokens=16, temperature=0, stop_token_ids=[])
+    before = [g[0].token_ids for g in engine.generate(PROMPTS, params)]
+    assert engine.decoder.merged is not None
+    with torch.no_grad():
+        for name, p in policy.model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(-1.5)
+    after = [g[0].token_ids for g in engine.generate(PROMPTS, params)]
+    assert after != before
+    assert after == hf_greedy(policy.model, PROMPTS, 16, policy.tokenizer.pad_token_id)
+
+
+def test_decoding_through_the_triton_kernels_equals_hf_generate(monkeypatch):
+    """RMSNorm, RoPE and SwiGLU of the decode path as Triton kernels (the interpreter on CPU)."""
+    monkeypatch.setenv("TANDEM_KERNELS", "triton")
+    policy = tiny_policy("tiny-qwen3")
+    engine = NativeEngine(policy.model, policy.tokenizer, merge_lora=True)
+    params = SamplingParams(max_tokens=8, temperature=0, stop_token_ids=[])
+    ours = [g[0].token_ids for g in engine.generate(PROMPTS, params)]
+    monkeypatch.setenv("TANDEM_KERNELS", "torch")
+    assert ours == hf_greedy(policy.model, PROMPTS, 8, policy.tokenizer.pad_token_id)
