@@ -79,6 +79,7 @@ class RolloutSection:
     importance_sampling_cap: float = 2.0
     vllm_kv_cache_gb: float = 1.0  # vLLM on CPU: memory for its KV cache
     vllm_gpu_memory_utilization: float = 0.3  # vLLM on CUDA: its share of the card (weights + KV cache)
+    vllm_share_weights: bool = True  # policy's base = vLLM's tensors; false: vLLM keeps its own (CPU: packed)
 
     def __post_init__(self):
         _one_of("rollout", "engine", self.engine, ("auto", "native", "vllm"))

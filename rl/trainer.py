@@ -198,7 +198,8 @@ class GRPOTrainer:
         return make_engine(cfg.rollout.engine, self.model, self.tokenizer, model_dir=model_dir, lora_rank=cfg.lora.r,
                            max_model_len=cfg.rollout.max_prompt_tokens + cfg.rollout.max_tokens,
                            kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
-                           gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization, seed=cfg.train.seed)
+                           gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
+                           share_weights=cfg.rollout.vllm_share_weights, seed=cfg.train.seed)
 
     def rollout(self, rows: list[int], step: int) -> dict:
         g, rc = self.cfg.grpo.num_generations, self.cfg.rollout

@@ -12,7 +12,8 @@ log = logging.getLogger("tandem")
 
 
 def make_engine(kind: str, model, tokenizer, *, model_dir=None, lora_rank: int = 16, max_model_len: int = 2048,
-                kv_cache_gb: float = 1.0, gpu_memory_utilization: float = 0.3, seed: int = 0):
+                kv_cache_gb: float = 1.0, gpu_memory_utilization: float = 0.3, share_weights: bool = True,
+                seed: int = 0):
     """The engine for `kind`. vLLM needs the model's directory (it loads the weights itself, then the policy
     shares them) and is used only at a version the tests cover."""
     if kind in ("auto", "vllm"):
@@ -25,7 +26,8 @@ def make_engine(kind: str, model, tokenizer, *, model_dir=None, lora_rank: int =
             log.info("rollout engine: vLLM (%s)", "requested" if kind == "vllm" else "installed at a tested version")
             try:
                 return VLLMEngine(model, tokenizer, model_dir, lora_rank=lora_rank, max_model_len=max_model_len,
-                                  kv_cache_gb=kv_cache_gb, gpu_memory_utilization=gpu_memory_utilization, seed=seed)
+                                  kv_cache_gb=kv_cache_gb, gpu_memory_utilization=gpu_memory_utilization,
+                                  share_weights=share_weights, seed=seed)
             except RuntimeError as e:
                 if kind == "vllm":
                     raise ConfigError(f"rollout.engine is vllm, but {e}") from None

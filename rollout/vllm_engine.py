@@ -116,8 +116,9 @@ class VLLMEngine:
         model.save_pretrained(self._adapter_dir.name)  # once: registers the adapter's shape with vLLM
         kwargs = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=str(self.lm.dtype).split(".")[-1],
                       enable_lora=True, max_lora_rank=max(8, lora_rank), max_loras=1, max_model_len=max_model_len,
-                      seed=seed, logprobs_mode="processed_logprobs", enable_prefix_caching=False,
-                      hf_overrides={"architectures": [f"Tandem{arch}"]})
+                      seed=seed, logprobs_mode="processed_logprobs", enable_prefix_caching=False)
+        if share_weights:  # the registered subclass keeps plain weights; else vLLM packs its own copy
+            kwargs["hf_overrides"] = {"architectures": [f"Tandem{arch}"]}
         if torch.cuda.is_available():
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
         else:
