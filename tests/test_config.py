@@ -63,3 +63,26 @@ def test_every_example_config_is_valid(path):
         if ".py:" in spec:
             spec = str(root / spec)
         assert callable(load_reward(spec))
+
+
+def test_engine_choice_refuses_untested_vllm_and_falls_back_on_auto(monkeypatch, caplog):
+    """An untested vLLM version is refused by `vllm` (naming the tested ones) and skipped by `auto`."""
+    import logging
+
+    import rollout.select as select
+    import rollout.vllm_engine as vllm_engine
+    from rl.errors import ConfigError
+    from rollout import NativeEngine
+    from tests.helpers import tiny_policy
+
+    monkeypatch.setattr(vllm_engine, "installed_version", lambda: "0.31.1")
+    monkeypatch.setattr(select, "unsupported_reason", vllm_engine.unsupported_reason)
+    policy = tiny_policy("tiny")
+    with pytest.raises(ConfigError, match=r"vLLM 0\.31\.1 is installed.*0\.32\.0"):
+        select.make_engine("vllm", policy.model, policy.tokenizer, model_dir="/nonexistent")
+    with caplog.at_level(logging.INFO, logger="tandem"):
+        engine = select.make_engine("auto", policy.model, policy.tokenizer, model_dir="/nonexistent")
+    assert isinstance(engine, NativeEngine) and "vLLM 0.31.1 is installed" in caplog.text
+    monkeypatch.setattr(vllm_engine, "installed_version", lambda: None)
+    with pytest.raises(ConfigError, match="vLLM is not installed"):
+        select.make_engine("vllm", policy.model, policy.tokenizer, model_dir="/nonexistent")
