@@ -1,4 +1,5 @@
-"""Policy-gradient objectives on per-token tensors: GRPO and its variants, and group-relative advantages.
+"""Objectives on per-token tensors: GRPO and its variants, group-relative advantages, and the degenerate
+objectives without a rollout (DPO, ORPO, KTO, SFT; see the second half of this file).
 
 All tensors are (B, T) over completion tokens with a 0/1 `mask`; `advantages` is (B,). Loss types follow TRL's
 definitions so that results can be compared with it:
@@ -96,3 +97,82 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor, ref_logps: torch.Ten
         metrics["clip_ratio/high_mean"] = _masked_mean(high.to(mask.dtype), mask)
         metrics["clip_ratio/region_mean"] = _masked_mean((low | high).to(mask.dtype), mask)
     return loss, metrics
+
+
+# ------------------------------------------------------------------ the degenerate objectives (no rollout)
+#
+# Sequence log-probabilities below are (B,) sums over completion tokens unless said otherwise; the forms and
+# the names of the loss types are TRL 1.15's, so that its results and ours can be compared.
+
+DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust")
+
+
+def dpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta: float = 0.1,
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+    """-> (losses (B,), chosen_rewards (B,), rejected_rewards (B,)).
+
+    With d = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)):
+        sigmoid  -(1 - ls) log sigma(beta d) - ls log sigma(-beta d)      (DPO; ls > 0: conservative DPO)
+        robust   (-(1 - ls) log sigma(beta d) + ls log sigma(-beta d)) / (1 - 2 ls)   (unbiased under label noise)
+        hinge    max(0, 1 - beta d)                                        (SLiC)
+        ipo      (d - 1 / (2 beta))^2, on per-token MEAN log-probabilities (IPO; pass means, as TRL averages)
+    Rewards are beta times each side's log-ratio, detached (for the rewards/* metrics)."""
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; use one of {', '.join(DPO_LOSS_TYPES)}")
+    chosen = policy_chosen_logps - ref_chosen_logps
+    rejected = policy_rejected_logps - ref_rejected_logps
+    d = chosen - rejected
+    logsig = torch.nn.functional.logsigmoid
+    if loss_type == "sigmoid":
+        losses = -(1 - label_smoothing) * logsig(beta * d) - label_smoothing * logsig(-beta * d)
+    elif loss_type == "robust":
+        losses = (-(1 - label_smoothing) * logsig(beta * d) + label_smoothing * logsig(-beta * d)) \
+            / (1 - 2 * label_smoothing)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * d)
+    else:
+        losses = (d - 1 / (2 * beta)) ** 2
+    return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+def orpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor, chosen_nll: torch.Tensor,
+              beta: float = 0.1):
+    """ORPO on per-token MEAN log-probabilities (B,) and the chosen completions' NLL (scalar):
+        log odds(y) = log p - log(1 - p),   loss = nll - beta * mean log sigma(log odds(y_w) - log odds(y_l))
+    -> (loss, chosen_rewards, rejected_rewards, metrics). No reference model."""
+    w, lo = policy_chosen_logps.float(), policy_rejected_logps.float()
+    log_odds = (w - lo) - (_log1mexp(w) - _log1mexp(lo))
+    ratio = torch.nn.functional.logsigmoid(log_odds)
+    loss = chosen_nll - beta * ratio.mean()
+    metrics = {"log_odds_ratio": ratio.mean().detach(), "log_odds_chosen": log_odds.mean().detach(),
+               "nll_loss": chosen_nll.detach()}
+    return loss, beta * w.detach(), beta * lo.detach(), metrics
+
+
+def _log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate near 0 and far below it."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def kto_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+             ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, kl: torch.Tensor,
+             beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+    """KTO on unpaired examples: desirable (chosen) and undesirable (rejected) ones, any counts, and the
+    reference point `kl` (a detached estimate of KL(policy || ref), clamped at 0):
+        desirable    1 - sigma(beta (log pi/ref - kl))
+        undesirable  1 - sigma(beta (kl - log pi/ref))
+    -> (losses (n_chosen + n_rejected,), chosen_rewards, rejected_rewards)."""
+    chosen = policy_chosen_logps - ref_chosen_logps
+    rejected = policy_rejected_logps - ref_rejected_logps
+    kl = kl.detach().clamp(min=0)
+    losses = torch.cat((desirable_weight * (1 - torch.sigmoid(beta * (chosen - kl))),
+                        undesirable_weight * (1 - torch.sigmoid(beta * (kl - rejected)))))
+    return losses, beta * chosen.detach(), beta * rejected.detach()
+
+
+def sft_loss(logps: torch.Tensor, mask: torch.Tensor, num_items_in_batch: float | None = None) -> torch.Tensor:
+    """Negative log-likelihood of the tokens where mask is 1 (the completion, by default): per-token logps
+    (B, T) -> the mean over those tokens, or their sum / num_items_in_batch across gradient accumulation."""
+    total = -(logps * mask).sum()
+    return total / (num_items_in_batch if num_items_in_batch is not None else mask.sum().clamp(min=1.0))
