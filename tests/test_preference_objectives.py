@@ -1,5 +1,6 @@
-"""DPO, ORPO, KTO and SFT objectives: hand-computed values, and DPO against TRL 1.15 itself (a test-only
-dependency) on identical inputs: the same tiny model, batch and reference, loss and gradients to 1e-5 in fp32."""
+"""DPO, ORPO, KTO and SFT objectives: hand-computed values, and each against TRL 1.15's own trainers (a
+test-only dependency) on identical inputs: the same tiny model, batch (TRL's collators) and reference, loss
+and gradients to 1e-5 in fp32. The log-probabilities on our side are computed plainly from the logits."""
 
 import copy
 import math
@@ -118,3 +119,122 @@ def test_dpo_matches_trl(trl_dpo, loss_type, label_smoothing):
     for a, b in zip((p.grad for p in trainer.model.parameters()), their_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert theirs.item() != pytest.approx(math.log(2) if loss_type == "sigmoid" else 0.0)  # a non-trivial point
+
+
+def _label_logps(model, input_ids, attention_mask, labels):
+    """Per-token log p of `labels` (-100 = not scored), next-token aligned -> (logps (B, T-1), mask (B, T-1))."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    mask = (targets != -100).float()
+    logp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+    return logp * mask, mask
+
+
+def _tiny_pair():
+    from rl.model import _random_model, load_tokenizer
+
+    torch.manual_seed(0)
+    model = _random_model("tiny", 0, torch.float32, torch.device("cpu"))
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape) * 0.02)
+    return model, reference, load_tokenizer(None, None)
+
+
+def _grads(model):
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+def _compare_with_trl(model, theirs_fn, ours_fn):
+    model.zero_grad()
+    theirs = theirs_fn()
+    theirs.backward()
+    their_grads = _grads(model)
+    model.zero_grad()
+    ours = ours_fn()
+    ours.backward()
+    assert abs(ours.item() - theirs.item()) < 1e-5, (ours.item(), theirs.item())
+    for a, b in zip(_grads(model), their_grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_orpo_matches_trl():
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl.experimental.orpo import ORPOConfig, ORPOTrainer
+
+    model, _, tokenizer = _tiny_pair()
+    rows = [{"prompt": f"What is {i} + {i + 3}?", "chosen": f" It is {2 * i + 3}.",
+             "rejected": f" Maybe {i * 7} or so"} for i in range(3)]
+    trainer = ORPOTrainer(model=model, args=ORPOConfig(output_dir="/tmp/tandem-trl-orpo", per_device_train_batch_size=3,
+                                                       beta=0.3, report_to=[], use_cpu=True, max_steps=1),
+                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+
+    def ours():
+        cat = trainer.concatenated_inputs(batch, is_encoder_decoder=False, padding_value=trainer.padding_value,
+                                          device=torch.device("cpu"))
+        ids, att = cat["concatenated_input_ids"], cat["concatenated_attention_mask"]
+        logps, mask = _label_logps(trainer.model, ids, att, cat["concatenated_labels"])
+        mean = logps.sum(-1) / mask.sum(-1)
+        n = len(rows)
+        # TRL's ORPO takes the NLL of the whole chosen sequence (prompt included), averaged over its tokens
+        seq_logps, seq_mask = _label_logps(trainer.model, ids[:n], att[:n], torch.where(att[:n] == 1, ids[:n], -100))
+        nll = -seq_logps.sum() / seq_mask.sum()
+        return orpo_loss(mean[:n], mean[n:], nll, beta=0.3)[0]
+
+    _compare_with_trl(trainer.model, lambda: trainer.get_batch_loss_metrics(trainer.model, batch)[0], ours)
+
+
+def test_kto_matches_trl():
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import KTOConfig, KTOTrainer
+
+    model, reference, tokenizer = _tiny_pair()
+    rows = [{"prompt": f"What is {i} + {i + 3}?", "completion": f" It is {2 * i + 3 + i % 2}.", "label": i % 2 == 0}
+            for i in range(5)]
+    args = KTOConfig(output_dir="/tmp/tandem-trl-kto", per_device_train_batch_size=5, beta=0.3, desirable_weight=1.0,
+                     undesirable_weight=1.5, report_to=[], use_cpu=True, max_steps=1, precompute_ref_log_probs=False)
+    trainer = KTOTrainer(model=model, ref_model=reference, args=args, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert trainer.calculate_KL
+
+    def sums(m, prefix=""):
+        ids, att, comp = (batch[f"{prefix}{k}"] for k in ("input_ids", "attention_mask", "completion_mask"))
+        logps, _ = _label_logps(m, ids, att, ids.masked_fill(comp == 0, -100))
+        return logps.sum(-1)
+
+    def ours():
+        with torch.no_grad():
+            kl = (sums(trainer.model, "KL_") - sums(reference, "KL_")).mean()
+            ref = sums(reference)
+        pol = sums(trainer.model)
+        good = batch["label"].bool()
+        losses, _, _ = kto_loss(pol[good], pol[~good], ref[good], ref[~good], kl, beta=0.3, desirable_weight=1.0,
+                                undesirable_weight=1.5)
+        return losses.nanmean()
+
+    _compare_with_trl(trainer.model, lambda: trainer.compute_loss(trainer.model, batch), ours)
+
+
+def test_sft_matches_trl():
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model, _, tokenizer = _tiny_pair()
+    rows = [{"prompt": f"What is {i} + {i + 3}?", "completion": f" It is {2 * i + 3}."} for i in range(3)]
+    trainer = SFTTrainer(model=model, args=SFTConfig(output_dir="/tmp/tandem-trl-sft", per_device_train_batch_size=3,
+                                                     report_to=[], use_cpu=True, max_steps=1),
+                         train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["labels"] == -100).any()  # completion-only: the prompt is not scored
+
+    def ours():
+        logps, mask = _label_logps(trainer.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        return sft_loss(logps, mask)
+
+    _compare_with_trl(trainer.model, lambda: trainer.compute_loss(trainer.model, batch), ours)
