@@ -1,0 +1,208 @@
+"""The GRPO step side by side: Tandem, TRL's GRPOTrainer and Unsloth on the same model files and settings.
+
+    python benchmarks/bench_grpo.py [--shapes qwen2.5-0.5b,qwen2.5-1.5b] [--impls tandem,trl,unsloth]
+        [--steps 4] [--completions 8] [--tokens 256] [--json out.json]
+    python benchmarks/bench_grpo.py --smoke      # tiny model, CPU, no 4-bit: checks that every path runs
+
+Each (shape, implementation) runs in a fresh process (Unsloth patches TRL when imported, and peak memory
+must be each one's own). The setting is the one the peers were measured in: random-init Qwen2.5 shapes
+(vocabulary cut to the SmolLM2 tokenizer's 49,152), saved once in bf16 and loaded 4-bit (NF4, double
+quantization), LoRA r16 / alpha 32 on q, k, v, o, gate, up, down; one prompt x `--completions` completions
+x `--tokens` tokens per step; loss dapo, beta 0; a reward that varies across completions. Reported: the
+median seconds per step over steps 2.. (the first pays one-time costs) and the peak GPU memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPT = "Write a short story about a robot who learns to paint. Make it vivid."
+
+
+def token_reward(prompts, completions, completion_ids=None, **kwargs):
+    """Varies across completions of a random model, so that advantages are non-zero."""
+    if completion_ids is None:
+        return [float(len(c)) % 97 / 97 for c in completions]
+    return [sum(ids) % 97 / 97 for ids in completion_ids]
+
+
+def model_dir(shape: str) -> str:
+    from rl.model import _random_hf_dir
+
+    return str(_random_hf_dir(shape, 0))
+
+
+def peak_gb() -> float:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0
+
+
+# ------------------------------------------------------------------ one implementation, in this process
+
+def run_tandem(path: str, a) -> list[float]:
+    from rl.config import load_config
+    from rl.trainer import GRPOTrainer
+
+    # random:<shape> loads the same files (written once by model_dir) and pairs them with the tokenizer
+    overrides = ["--model.name", f"random:{a.shape}", "--model.load_in_4bit", str(not a.smoke).lower(),
+                 "--lora.r", "16", "--lora.alpha", "32", "--rollout.engine", "native",
+                 "--rollout.max_tokens", str(a.tokens),
+                 "--grpo.num_generations", str(a.completions), "--grpo.prompts_per_step", "1",
+                 "--grpo.loss_type", "dapo", "--grpo.beta", "0", "--train.micro_batch_size", str(a.completions),
+                 "--train.max_steps", str(a.steps), "--train.output_dir", f"/tmp/bench-grpo-tandem-{os.getpid()}",
+                 "--train.save_every", "0", "--tracking.progress", "false",
+                 "--rewards.functions", f"{ROOT / 'benchmarks' / 'bench_grpo.py'}:token_reward"]
+    cfg = load_config(str(ROOT / "examples" / "arithmetic.yaml"), overrides)
+    trainer = GRPOTrainer(cfg)
+    times = []
+    for step in range(1, a.steps + 1):
+        trainer.step = step
+        times.append(trainer.train_step(step)["timing/step"])
+    return times
+
+
+def _trl_config(a, **extra):
+    from trl import GRPOConfig
+
+    return GRPOConfig(output_dir=f"/tmp/bench-grpo-trl-{os.getpid()}", per_device_train_batch_size=a.completions,
+                      num_generations=a.completions, max_completion_length=a.tokens, loss_type="dapo", beta=0.0,
+                      max_steps=a.steps, learning_rate=1e-5, logging_steps=1, save_strategy="no", report_to=[],
+                      bf16=not a.smoke, use_cpu=a.smoke, **extra)
+
+
+class _StepTimer:
+    """A transformers callback recording each optimizer step's wall time."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class Callback(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                timer.start = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                timer.times.append(time.perf_counter() - timer.start)
+
+        self.times: list[float] = []
+        self.callback = Callback()
+
+
+def _dataset(a):
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": PROMPT} for _ in range(a.steps * 2)])
+
+
+def run_trl(path: str, a) -> list[float]:
+    import torch
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+    from trl import GRPOTrainer
+
+    init = {"dtype": torch.float32 if a.smoke else torch.bfloat16}
+    if not a.smoke:
+        init["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                         bnb_4bit_use_double_quant=True,
+                                                         bnb_4bit_compute_dtype=torch.bfloat16)
+    timer = _StepTimer()
+    trainer = GRPOTrainer(model=path, reward_funcs=[token_reward], args=_trl_config(a, model_init_kwargs=init),
+                          train_dataset=_dataset(a), processing_class=_tokenizer(),
+                          peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"),
+                          callbacks=[timer.callback])
+    trainer.train()
+    return timer.times
+
+
+def run_unsloth(path: str, a) -> list[float]:
+    from unsloth import FastLanguageModel  # first: it patches transformers and TRL
+
+    from trl import GRPOTrainer
+
+    model, tokenizer = FastLanguageModel.from_pretrained(path, max_seq_length=a.tokens + 64, load_in_4bit=True,
+                                                         fast_inference=False)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, target_modules=TARGETS)
+    timer = _StepTimer()
+    trainer = GRPOTrainer(model=model, reward_funcs=[token_reward], args=_trl_config(a), train_dataset=_dataset(a),
+                          processing_class=_tokenizer(), callbacks=[timer.callback])
+    trainer.train()
+    return timer.times
+
+
+def _tokenizer():
+    from rl.model import load_tokenizer
+
+    return load_tokenizer(None, None)
+
+
+# ------------------------------------------------------------------ the sweep, one process per cell
+
+def child(a) -> int:
+    path = model_dir(a.shape)
+    run = {"tandem": run_tandem, "trl": run_trl, "unsloth": run_unsloth}[a.impl]
+    times = run(path, a)
+    timed = times[1:] or times
+    print(json.dumps(dict(shape=a.shape, impl=a.impl, steps=len(times), s_per_step=statistics.median(timed),
+                          step_times=times, peak_gb=peak_gb())))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b")
+    parser.add_argument("--impls", default="tandem,trl,unsloth")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--completions", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--json", help="write all rows here (after every row)")
+    parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, no 4-bit, 2 steps of 8 tokens")
+    parser.add_argument("--shape", help=argparse.SUPPRESS)  # set for the child process
+    parser.add_argument("--impl", help=argparse.SUPPRESS)
+    a = parser.parse_args(argv)
+    if a.smoke:
+        a.shapes, a.steps, a.tokens, a.completions = "tiny", 2, 8, 4
+        a.impls = ",".join(i for i in a.impls.split(",") if i != "unsloth")  # Unsloth needs a GPU
+    if a.impl:
+        return child(a)
+    rows = []
+    for shape in a.shapes.split(","):
+        for impl in a.impls.split(","):
+            cmd = [sys.executable, __file__, "--shape", shape, "--impl", impl, "--steps", str(a.steps),
+                   "--completions", str(a.completions), "--tokens", str(a.tokens)] + (["--smoke"] if a.smoke else [])
+            env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+            if a.smoke:  # TRL's log-prob kernels are Triton: on a CPU, through Triton's interpreter
+                env["TRITON_INTERPRET"] = "1"
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+            lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+            if out.returncode != 0 or not lines:
+                errors = [line for line in out.stderr.splitlines() if "rror" in line] or out.stderr.splitlines()
+                row = dict(shape=shape, impl=impl, error=(errors or ["?"])[-1][:300])
+            else:
+                row = json.loads(lines[-1])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            if a.json:
+                Path(a.json).write_text(json.dumps(rows, indent=1))
+    print("| shape | implementation | s/step (median of steps 2..) | peak GB |")
+    print("|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['shape']} | {r['impl']} | error: {r['error']} | |")
+        else:
+            print(f"| {r['shape']} | {r['impl']} | {r['s_per_step']:.2f} | {r['peak_gb']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
