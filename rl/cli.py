@@ -1,4 +1,4 @@
-"""Shared command-line handling for `python -m rl.grpo` (and later rl.dpo, rl.sft, ...).
+"""Shared command-line handling for `python -m rl.grpo | rl.dpo | rl.orpo | rl.kto | rl.sft`.
 
     python -m rl.grpo --config examples/arithmetic.yaml [--section.key value ...] [--resume [PATH]] [--debug]
 
@@ -43,3 +43,16 @@ def run_cli(prog: str, main, argv: list[str] | None = None) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def offline_main(objective: str):
+    """main(args, overrides) for `python -m rl.<objective>` (DPO, ORPO, KTO, SFT): one schema, one trainer."""
+
+    def main(args, overrides) -> None:
+        from rl.config import OfflineRunConfig, load_config
+        from rl.offline import OfflineTrainer
+
+        cfg = load_config(args.config, overrides, schema=OfflineRunConfig)
+        OfflineTrainer(cfg, objective, resume=args.resume).train()
+
+    return main

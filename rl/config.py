@@ -219,6 +219,70 @@ class GRPORunConfig:
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
 
+# ---------------------------------------------------------------------------------------------- no rollout
+
+OBJECTIVES = ("dpo", "orpo", "kto", "sft")
+
+
+@dataclass
+class OfflineDataSection:
+    """Datasets of the objectives without a rollout. Columns, by objective:
+    dpo / orpo: prompt, chosen, rejected;  kto: prompt, completion, label (true = desirable);
+    sft: prompt, completion, or messages (a chat whose last message is the assistant's answer).
+    Prompts are text or chat messages; completions are text."""
+    task: str | None = None  # arithmetic: examples of each kind built from the arithmetic task (offline)
+    path: str | None = None  # local .jsonl/.json/.parquet/.csv file, or a hub dataset name
+    name: str | None = None
+    split: str = "train"
+    prompt_column: str = "prompt"
+    system_prompt: str | None = None
+    chat_template: bool = True
+    num_examples: int = 256  # rows generated for a built-in task
+    max_length: int = 512  # tokens per example, prompt + completion; longer rows are refused at start-up
+    shuffle: bool = True
+
+    def __post_init__(self):
+        _check((self.task is None) != (self.path is None),
+               "give exactly one of data.task (arithmetic) and data.path (a file or hub name)")
+        if self.task is not None:
+            _one_of("data", "task", self.task, ("arithmetic",))
+        _check(self.num_examples >= 1, f"data.num_examples is {self.num_examples}; use >= 1")
+        _check(self.max_length >= 2, f"data.max_length is {self.max_length}; use at least 2 tokens")
+
+
+@dataclass
+class ObjectiveSection:
+    beta: float = 0.1  # dpo, orpo, kto
+    loss_type: str = "sigmoid"  # dpo: sigmoid | ipo | hinge | robust
+    label_smoothing: float = 0.0  # dpo sigmoid / robust
+    desirable_weight: float = 1.0  # kto
+    undesirable_weight: float = 1.0  # kto
+    batch_size: int = 8  # examples (pairs, for dpo and orpo) per optimizer step
+    packing: bool = True  # sft: examples end to end in rows of data.max_length tokens
+    completion_only: bool = True  # sft: loss on the completion's tokens only
+
+    def __post_init__(self):
+        _check(self.beta > 0, f"objective.beta is {self.beta}; use a positive value such as 0.1")
+        _one_of("objective", "loss_type", self.loss_type, ("sigmoid", "ipo", "hinge", "robust"))
+        _check(0 <= self.label_smoothing < 0.5,
+               f"objective.label_smoothing is {self.label_smoothing}; use a value in [0, 0.5)")
+        _check(self.desirable_weight > 0 and self.undesirable_weight > 0,
+               "objective.desirable_weight and objective.undesirable_weight must be positive")
+        _check(self.batch_size >= 1, f"objective.batch_size is {self.batch_size}; use >= 1")
+
+
+@dataclass
+class OfflineRunConfig:
+    """The schema of `python -m rl.dpo | rl.orpo | rl.kto | rl.sft`: GRPO's sections without rollout and
+    rewards, and an `objective` section."""
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    data: OfflineDataSection = field(default_factory=lambda: OfflineDataSection(task="arithmetic"))
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+
 # ---------------------------------------------------------------------------------------------- loading
 
 

@@ -50,6 +50,22 @@ def pack(examples: list[tuple[list[int], list[int]]], max_length: int, pad_id: i
     return {"input_ids": ids, "position_ids": pos, "loss_mask": scored[:, 1:].float()}
 
 
+def pad_examples(examples: list[tuple[list[int], list[int]]], pad_id: int,
+                 completion_only: bool = True) -> dict[str, torch.Tensor]:
+    """Unpacked: one example per row, right-padded, with an attention mask (the same keys as `pack`)."""
+    width = max(len(p) + len(c) for p, c in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    scored = torch.zeros((len(examples), width), dtype=torch.bool)
+    for i, (prompt, completion) in enumerate(examples):
+        n = len(prompt) + len(completion)
+        ids[i, :n] = torch.tensor(prompt + completion)
+        att[i, :n] = 1
+        scored[i, max(len(prompt) if completion_only else 1, 1):n] = True
+    return {"input_ids": ids, "position_ids": (att.cumsum(-1) - 1).clamp(min=0), "attention_mask": att,
+            "loss_mask": scored[:, 1:].float()}
+
+
 def token_logps(model, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask=None,
                 temperature: float = 1.0) -> torch.Tensor:
     """log p(input_ids[:, t + 1] | its example's tokens up to t) -> (R, L - 1), fp32, through the chunked

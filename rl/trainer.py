@@ -13,29 +13,23 @@ One step:
                first update (computed only when num_iterations > 1; else the detached current logps, as in
                TRL); ref_logps come from the same model with adapters disabled, only when beta > 0.
 
-Rank and world size come from torch.distributed when it is initialized, so that data parallelism can be
-added without changing this loop. Sampling is seeded per step, so a resumed run draws what the uninterrupted
-run would have drawn.
+The run itself (set-up, loop, checkpoints, saving) is rl/loop.py's TrainerBase. Sampling is seeded per
+step, so a resumed run draws what the uninterrupted run would have drawn.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
-from pathlib import Path
 
 import torch
-import yaml
 
-from rl.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from rl.config import GRPORunConfig, to_dict
+from rl.config import GRPORunConfig
 from rl.data import PromptStream, is_chat, load_dataset, tokenize_all
-from rl.errors import ConfigError
 from rl.logprobs import completion_logps
-from rl.model import load_policy, resolve_source
+from rl.loop import TrainerBase, collate, pad_rows
+from rl.model import resolve_source
 from rl.objectives import grpo_loss, group_advantages
-from rl.tracking import Tracker
 from rewards import RewardRunner
 from rollout import SamplingParams, make_engine
 from rollout.vllm_engine import unsupported_reason
@@ -43,57 +37,11 @@ from rollout.vllm_engine import unsupported_reason
 log = logging.getLogger("tandem")
 
 
-def dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+class GRPOTrainer(TrainerBase):
+    cfg: GRPORunConfig
 
-
-def make_scheduler(optimizer, kind: str, warmup: int, total: int):
-    def factor(i: int) -> float:
-        if warmup and i < warmup:
-            return (i + 1) / warmup
-        progress = (i - warmup) / max(1, total - warmup)
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        if kind == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device):
-    """Left-padded prompts + right-padded completions -> input_ids, attention_mask (b, Lp+Tc), Tc."""
-    lp = max(len(p) for p in prompts)
-    tc = max(max(len(c) for c in completions), 1)
-    ids = torch.full((len(prompts), lp + tc), pad_id, dtype=torch.long)  # (b, Lp + Tc)
-    mask = torch.zeros_like(ids)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        ids[i, lp - len(p):lp], mask[i, lp - len(p):lp] = torch.tensor(p), 1
-        ids[i, lp:lp + len(c)], mask[i, lp:lp + len(c)] = torch.tensor(c, dtype=torch.long), 1
-    return ids.to(device), mask.to(device), tc
-
-
-def pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
-    out = torch.zeros((len(rows), width), dtype=torch.float32)
-    for i, r in enumerate(rows):
-        out[i, :len(r)] = torch.tensor(r, dtype=torch.float32)
-    return out
-
-
-class GRPOTrainer:
-    def __init__(self, cfg: GRPORunConfig, resume: str | None = None):
-        self.cfg = cfg
-        self.rank, self.world = dist_info()
-        self.out = Path(cfg.train.output_dir)
-        self._check_output_dir(resume)
-        if cfg.train.num_threads:
-            torch.set_num_threads(cfg.train.num_threads)
-        torch.manual_seed(cfg.train.seed)
-
-        self.policy = load_policy(cfg.model, cfg.lora, cfg.train.seed)
-        self.model, self.tokenizer = self.policy.model, self.policy.tokenizer
+    def setup(self) -> None:
+        cfg = self.cfg
         self.dataset = load_dataset(cfg.data, cfg.train.seed)
         self.prompt_ids = tokenize_all(self.dataset, self.tokenizer, cfg.data, cfg.rollout.max_prompt_tokens)
         self.stream = PromptStream(len(self.dataset), cfg.train.seed, cfg.data.shuffle)
@@ -103,26 +51,10 @@ class GRPOTrainer:
         self._preflight_rewards()
         self.engine = self._make_engine()
 
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate,
-                                           weight_decay=cfg.train.weight_decay)
-        total = cfg.train.max_steps * cfg.grpo.num_iterations
-        self.scheduler = make_scheduler(self.optimizer, cfg.train.lr_scheduler, cfg.train.warmup_steps, total)
-        self.step = 0
-        if resume:
-            self._resume(resume)
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        self.tracker = Tracker(self.out, cfg.tracking, to_dict(cfg), cfg.train.max_steps, self.step, self.rank)
+    def total_updates(self) -> int:
+        return self.cfg.train.max_steps * self.cfg.grpo.num_iterations
 
     # ------------------------------------------------------------------------------------ set-up
-
-    def _check_output_dir(self, resume) -> None:
-        has_run = (self.out / "metrics.jsonl").exists() or (self.out / "checkpoints").exists()
-        if has_run and not resume:
-            raise ConfigError(f"train.output_dir {self.out} already holds a run; pass --resume to continue it, "
-                              "or choose another train.output_dir")
 
     def _preflight_rewards(self) -> None:
         """Call every reward function once on the first row, so that a broken one fails at start-up."""
@@ -131,37 +63,7 @@ class GRPOTrainer:
         columns = {k: [v] for k, v in row.items() if k != "prompt"}
         self.rewards([row["prompt"]], [completion], {**columns, "completion_ids": [[]]})
 
-    def _resume(self, resume: str) -> None:
-        if resume == "latest":
-            found = list_checkpoints(self.out / "checkpoints")
-            if not found:
-                raise ConfigError(f"--resume: no complete checkpoint under {self.out / 'checkpoints'}; start "
-                                  "without --resume, or pass --resume PATH")
-            path = found[-1]
-        else:
-            path = Path(resume)
-            if not (path / "COMPLETE").is_file():
-                raise ConfigError(f"--resume {resume}: not a complete checkpoint directory (expected "
-                                  "checkpoints/step-NNNNNN with a COMPLETE marker)")
-        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
-        self.step = state["step"]
-        self.stream.load_state_dict(state["data"])
-        log.info("resumed from %s at step %d", path, self.step)
-
     # ------------------------------------------------------------------------------------ the loop
-
-    def train(self) -> None:
-        cfg = self.cfg.train
-        try:
-            while self.step < cfg.max_steps:
-                self.step += 1
-                metrics = self.train_step(self.step)
-                self.tracker.log(self.step, metrics)
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
-                    self.save_checkpoint()
-            self.save_final()
-        finally:
-            self.tracker.close()
 
     def train_step(self, step: int) -> dict:
         phase_memory: dict[str, float] = {}
@@ -308,15 +210,6 @@ class GRPOTrainer:
         self.model.train(was_training)
         return out
 
-    def _optimizer_step(self) -> float:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = self.cfg.train.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
-
     # ------------------------------------------------------------------------------------ metrics
 
     def _length_metrics(self, batch: dict) -> dict:
@@ -326,40 +219,3 @@ class GRPOTrainer:
         return {"completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
                 "completions/max_length": lengths.max(), "completions/clipped_ratio": truncated.float().mean(),
                 "completions/mean_terminated_length": terminated.mean() if terminated.numel() else 0.0}
-
-    def _record_peak(self, phase: str, out: dict) -> None:
-        """memory/<phase>_peak_gb: the phase's peak of allocated CUDA memory (on CPU: the process's peak RSS)."""
-        if self.policy.device.type == "cuda":
-            out[f"memory/{phase}_peak_gb"] = torch.cuda.max_memory_allocated(self.policy.device) / 2**30
-            torch.cuda.reset_peak_memory_stats(self.policy.device)
-        else:
-            import resource
-
-            out["memory/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-    # ------------------------------------------------------------------------------------ saving
-
-    def _trainer_state(self) -> dict:
-        return {"data": self.stream.state_dict()}
-
-    def save_checkpoint(self) -> Path | None:
-        if self.rank != 0:
-            return None
-        return save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer, self.scheduler,
-                               self._trainer_state(), self.cfg.train.keep_checkpoints)
-
-    def save_final(self) -> None:
-        if self.rank != 0:
-            return
-        if self.cfg.train.save_every:
-            self.save_checkpoint()
-        self.model.save_pretrained(self.out / "adapter")
-        self.tokenizer.save_pretrained(self.out / "adapter")
-        if self.cfg.train.save_merged:
-            if self.cfg.model.load_in_4bit:
-                log.warning("train.save_merged: skipped, a 4-bit base cannot be merged losslessly; load the base "
-                            "in 16 bits and merge %s/adapter there", self.out)
-            else:
-                merged = self.model.merge_and_unload(safe_merge=True)
-                merged.save_pretrained(self.out / "merged")
-                self.tokenizer.save_pretrained(self.out / "merged")

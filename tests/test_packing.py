@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from rl.objectives import sft_loss
-from rl.packing import pack, token_logps
+from rl.packing import pack, pad_examples, token_logps
 from tests.helpers import tiny_policy
 
 EXAMPLES = [([5, 6, 7], [8, 9]), ([10, 11], [12, 13, 14, 15]), ([16], [17]), ([18, 19, 20, 21], [22, 23, 24]),
@@ -13,16 +13,8 @@ EXAMPLES = [([5, 6, 7], [8, 9]), ([10, 11], [12, 13, 14, 15]), ([16], [17]), ([1
 
 def _unpacked(model, examples, pad_id, completion_only=True):
     """Each example alone in its row, right-padded, positions from the mask: the reference."""
-    width = max(len(p) + len(c) for p, c in examples)
-    ids = torch.full((len(examples), width), pad_id)
-    att = torch.zeros_like(ids)
-    scored = torch.zeros((len(examples), width), dtype=torch.bool)
-    for i, (p, c) in enumerate(examples):
-        ids[i, :len(p) + len(c)] = torch.tensor(p + c)
-        att[i, :len(p) + len(c)] = 1
-        scored[i, (len(p) if completion_only else 1):len(p) + len(c)] = True
-    positions = (att.cumsum(-1) - 1).clamp(min=0)
-    return token_logps(model, ids, positions, attention_mask=att), scored[:, 1:].float()
+    rows = pad_examples(examples, pad_id, completion_only)
+    return token_logps(model, rows["input_ids"], rows["position_ids"], rows["attention_mask"]), rows["loss_mask"]
 
 
 @pytest.mark.parametrize("completion_only", [True, False])

@@ -1,0 +1,196 @@
+"""The training machine every objective shares: set-up, the step loop, optimizer steps, checkpoints, saving.
+
+    class MyTrainer(TrainerBase):
+        def setup(self): ...              # data, rewards, engine: whatever the objective needs
+        def train_step(self, step): ...   # one optimizer step (or several), -> metrics
+
+GRPO (rl/trainer.py) and the objectives without a rollout (rl/offline.py: DPO, ORPO, KTO, SFT) are
+subclasses: they differ in where a batch comes from and in the loss, not in how a run is kept.
+`self.stream` (rl/data.py's PromptStream) is the data position saved in checkpoints.
+
+Rank and world size come from torch.distributed when it is initialized, so that data parallelism can be
+added without changing the loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+import yaml
+
+from rl.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from rl.config import to_dict
+from rl.errors import ConfigError
+from rl.model import load_policy
+from rl.tracking import Tracker
+
+log = logging.getLogger("tandem")
+
+
+def dist_info() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def make_scheduler(optimizer, kind: str, warmup: int, total: int):
+    def factor(i: int) -> float:
+        if warmup and i < warmup:
+            return (i + 1) / warmup
+        progress = (i - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device):
+    """Left-padded prompts + right-padded completions -> input_ids, attention_mask (b, Lp+Tc), Tc."""
+    lp = max(len(p) for p in prompts)
+    tc = max(max(len(c) for c in completions), 1)
+    ids = torch.full((len(prompts), lp + tc), pad_id, dtype=torch.long)  # (b, Lp + Tc)
+    mask = torch.zeros_like(ids)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, lp - len(p):lp], mask[i, lp - len(p):lp] = torch.tensor(p), 1
+        ids[i, lp:lp + len(c)], mask[i, lp:lp + len(c)] = torch.tensor(c, dtype=torch.long), 1
+    return ids.to(device), mask.to(device), tc
+
+
+def pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.float32)
+    return out
+
+
+class TrainerBase:
+    def __init__(self, cfg, resume: str | None = None):
+        self.cfg = cfg
+        self.rank, self.world = dist_info()
+        self.out = Path(cfg.train.output_dir)
+        self._check_output_dir(resume)
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        torch.manual_seed(cfg.train.seed)
+
+        self.policy = load_policy(cfg.model, cfg.lora, cfg.train.seed)
+        self.model, self.tokenizer = self.policy.model, self.policy.tokenizer
+        self.setup()
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate,
+                                           weight_decay=cfg.train.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, cfg.train.lr_scheduler, cfg.train.warmup_steps,
+                                        self.total_updates())
+        self.step = 0
+        if resume:
+            self._resume(resume)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.tracker = Tracker(self.out, cfg.tracking, to_dict(cfg), cfg.train.max_steps, self.step, self.rank)
+
+    # ------------------------------------------------------------------------------------ for subclasses
+
+    def setup(self) -> None:
+        """Data (set self.stream), rewards, engine: called after the policy is loaded."""
+        raise NotImplementedError
+
+    def train_step(self, step: int) -> dict:
+        raise NotImplementedError
+
+    def total_updates(self) -> int:
+        """Optimizer steps in the whole run (the learning-rate schedule's length)."""
+        return self.cfg.train.max_steps
+
+    # ------------------------------------------------------------------------------------ set-up
+
+    def _check_output_dir(self, resume) -> None:
+        has_run = (self.out / "metrics.jsonl").exists() or (self.out / "checkpoints").exists()
+        if has_run and not resume:
+            raise ConfigError(f"train.output_dir {self.out} already holds a run; pass --resume to continue it, "
+                              "or choose another train.output_dir")
+
+    def _resume(self, resume: str) -> None:
+        if resume == "latest":
+            found = list_checkpoints(self.out / "checkpoints")
+            if not found:
+                raise ConfigError(f"--resume: no complete checkpoint under {self.out / 'checkpoints'}; start "
+                                  "without --resume, or pass --resume PATH")
+            path = found[-1]
+        else:
+            path = Path(resume)
+            if not (path / "COMPLETE").is_file():
+                raise ConfigError(f"--resume {resume}: not a complete checkpoint directory (expected "
+                                  "checkpoints/step-NNNNNN with a COMPLETE marker)")
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        self.step = state["step"]
+        self.stream.load_state_dict(state["data"])
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------------------------ the loop
+
+    def train(self) -> None:
+        cfg = self.cfg.train
+        try:
+            while self.step < cfg.max_steps:
+                self.step += 1
+                metrics = self.train_step(self.step)
+                self.tracker.log(self.step, metrics)
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                    self.save_checkpoint()
+            self.save_final()
+        finally:
+            self.tracker.close()
+
+    def _optimizer_step(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.cfg.train.max_grad_norm or float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    def _record_peak(self, phase: str, out: dict) -> None:
+        """memory/<phase>_peak_gb: the phase's peak of allocated CUDA memory (on CPU: the process's peak RSS)."""
+        if self.policy.device.type == "cuda":
+            out[f"memory/{phase}_peak_gb"] = torch.cuda.max_memory_allocated(self.policy.device) / 2**30
+            torch.cuda.reset_peak_memory_stats(self.policy.device)
+        else:
+            import resource
+
+            out["memory/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+    # ------------------------------------------------------------------------------------ saving
+
+    def _trainer_state(self) -> dict:
+        return {"data": self.stream.state_dict()}
+
+    def save_checkpoint(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        return save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer, self.scheduler,
+                               self._trainer_state(), self.cfg.train.keep_checkpoints)
+
+    def save_final(self) -> None:
+        if self.rank != 0:
+            return
+        if self.cfg.train.save_every:
+            self.save_checkpoint()
+        self.model.save_pretrained(self.out / "adapter")
+        self.tokenizer.save_pretrained(self.out / "adapter")
+        if self.cfg.train.save_merged:
+            if self.cfg.model.load_in_4bit:
+                log.warning("train.save_merged: skipped, a 4-bit base cannot be merged losslessly; load the base "
+                            "in 16 bits and merge %s/adapter there", self.out)
+            else:
+                merged = self.model.merge_and_unload(safe_merge=True)
+                merged.save_pretrained(self.out / "merged")
+                self.tokenizer.save_pretrained(self.out / "merged")
