@@ -138,6 +138,7 @@ class TrainSection:
     save_merged: bool = False  # also write the base model with the adapter merged in
     gpu_memory_gb: float | None = None  # memory budget; None = the whole card
     num_threads: int = 0  # CPU threads for torch; 0 = torch's default
+    max_skipped_steps: int = 5  # a non-finite loss or gradient skips the update; this many in a row stop the run
 
     def __post_init__(self):
         _check(self.max_steps >= 1, f"train.max_steps is {self.max_steps}; use a positive step count")
@@ -153,6 +154,7 @@ class TrainSection:
         _check(self.gpu_memory_gb is None or self.gpu_memory_gb > 0,
                f"train.gpu_memory_gb is {self.gpu_memory_gb}; use a positive number of GB or null")
         _check(self.num_threads >= 0, f"train.num_threads is {self.num_threads}; use 0 (default) or > 0")
+        _check(self.max_skipped_steps >= 1, f"train.max_skipped_steps is {self.max_skipped_steps}; use >= 1")
 
 
 @dataclass

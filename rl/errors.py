@@ -25,3 +25,7 @@ class ModelError(TandemError):
 
 class RewardError(TandemError):
     pass
+
+
+class TrainingError(TandemError):
+    """The run cannot go on (e.g. the loss stayed non-finite); the last checkpoint is intact."""

@@ -23,7 +23,7 @@ import yaml
 
 from rl.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from rl.config import to_dict
-from rl.errors import ConfigError
+from rl.errors import ConfigError, TrainingError
 from rl.model import load_policy
 from rl.tracking import Tracker
 
@@ -89,6 +89,8 @@ class TrainerBase:
         self.scheduler = make_scheduler(self.optimizer, cfg.train.lr_scheduler, cfg.train.warmup_steps,
                                         self.total_updates())
         self.step = 0
+        self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient, in the whole run
+        self.skipped_in_a_row = 0
         if resume:
             self._resume(resume)
         if self.rank == 0:
@@ -132,6 +134,7 @@ class TrainerBase:
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         self.step = state["step"]
         self.stream.load_state_dict(state["data"])
+        self.skipped_steps = state.get("skipped_steps", 0)
         log.info("resumed from %s at step %d", path, self.step)
 
     # ------------------------------------------------------------------------------------ the loop
@@ -142,7 +145,16 @@ class TrainerBase:
             while self.step < cfg.max_steps:
                 self.step += 1
                 metrics = self.train_step(self.step)
+                metrics["train/skipped_steps"] = self.skipped_steps
                 self.tracker.log(self.step, metrics)
+                if self.skipped_in_a_row >= cfg.max_skipped_steps:
+                    found = list_checkpoints(self.out / "checkpoints")
+                    raise TrainingError(
+                        f"step {self.step}: the loss or its gradients were not finite for {self.skipped_in_a_row} "
+                        f"steps in a row, so the run stops (no update was applied in those steps). "
+                        + (f"The last checkpoint, {found[-1]}, is intact: resume from it with --resume and a "
+                           "lower train.learning_rate or train.max_grad_norm." if found else
+                           "There is no checkpoint yet: lower train.learning_rate or train.max_grad_norm."))
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                     self.save_checkpoint()
             self.save_final()
@@ -150,10 +162,18 @@ class TrainerBase:
             self.tracker.close()
 
     def _optimizer_step(self) -> float:
+        """Clip and apply the accumulated gradients, unless they (or the loss) are not finite: then the
+        update is skipped, counted (train/skipped_steps) and the learning-rate schedule moves on."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.cfg.train.max_grad_norm or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-        self.optimizer.step()
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+            self.skipped_in_a_row = 0
+        else:
+            self.skipped_steps += 1
+            self.skipped_in_a_row += 1
+            log.warning("step %d: non-finite gradients (norm %s); this update is skipped", self.step, grad_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
@@ -171,7 +191,7 @@ class TrainerBase:
     # ------------------------------------------------------------------------------------ saving
 
     def _trainer_state(self) -> dict:
-        return {"data": self.stream.state_dict()}
+        return {"data": self.stream.state_dict(), "skipped_steps": self.skipped_steps}
 
     def save_checkpoint(self) -> Path | None:
         if self.rank != 0:

@@ -91,3 +91,51 @@ def test_micro_batches_accumulate_to_the_full_batch_gradient(tmp_path, loss_type
     assert any(g.abs().sum() > 0 for g in grads[0].values())
     for k in grads[0]:
         torch.testing.assert_close(grads[0][k], grads[1][k], atol=1e-6, rtol=1e-4)
+
+
+def _poison_training_forwards(model, steps_to_poison, trainer):
+    """The decoder's first layer returns NaN when autograd records (the training forward) at chosen steps."""
+    layer = next(m for name, m in model.named_modules() if name.endswith("layers.0"))
+
+    def hook(module, args, output):
+        if torch.is_grad_enabled() and trainer.step in steps_to_poison:
+            hidden = output[0] if isinstance(output, tuple) else output
+            poisoned = hidden * float("nan")
+            return (poisoned, *output[1:]) if isinstance(output, tuple) else poisoned
+        return output
+
+    layer.register_forward_hook(hook)
+
+
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path):
+    trainer = GRPOTrainer(run_config(tmp_path, train={"max_steps": 3}))
+    _poison_training_forwards(trainer.model, {2}, trainer)
+    states = []
+    original = trainer.train_step
+
+    def step_and_record(step):
+        out = original(step)
+        states.append(lora_state(trainer.model))
+        return out
+
+    trainer.train_step = step_and_record
+    trainer.train()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])  # step 2 applied nothing
+    assert not all(torch.equal(states[1][k], states[2][k]) for k in states[1])  # step 3 trained again
+    assert all(torch.isfinite(v).all() for v in states[2].values())
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [r["train/skipped_steps"] for r in rows] == [0, 1, 1]
+
+
+def test_too_many_non_finite_steps_stop_the_run_with_the_checkpoint_intact(tmp_path):
+    from rl.errors import TrainingError
+
+    cfg = run_config(tmp_path, train={"max_steps": 6, "save_every": 1, "max_skipped_steps": 2})
+    trainer = GRPOTrainer(cfg)
+    _poison_training_forwards(trainer.model, {3, 4, 5, 6}, trainer)
+    with pytest.raises(TrainingError, match=r"step 4: .* not finite for 2 steps in a row.*step-000003"):
+        trainer.train()
+    # the checkpoints written before the failure load, and hold finite weights
+    resumed = GRPOTrainer(run_config(tmp_path, train={"max_steps": 6, "save_every": 1}), resume="latest")
+    assert resumed.step == 3
+    assert all(torch.isfinite(v).all() for v in lora_state(resumed.model).values())
