@@ -48,7 +48,7 @@ def _bucket(n: int) -> int:
 
 class NativeEngine:
     def __init__(self, model, tokenizer=None, cuda_graphs: bool = True, check_every: int = 8,
-                 length_bucket: int = 256, merge_lora: bool | None = None):
+                 length_bucket: int = 256, merge_lora: bool | None = None, max_length: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         pad = getattr(tokenizer, "pad_token_id", None)
@@ -58,6 +58,10 @@ class NativeEngine:
         self.check_every = check_every
         self.length_bucket = length_bucket
         self.merge_lora = merge_lora  # None: when the merged copy takes at most half the free memory
+        # the KV cache's length when known up front (prompt + completion tokens): allocated once, and every
+        # rollout then has the same shapes whatever came before it (a resumed run computes what the
+        # uninterrupted one did, to the bit)
+        self.max_length = max_length
         self.state: DecodeState | None = None
         self._graphs: dict = {}
         self._pool = None
@@ -137,7 +141,7 @@ class NativeEngine:
         width, rows = ids.shape[1], len(prompts) * n
         batch = _bucket(rows)
         self._prepare_weights()
-        st = self._state_for(batch, width + params.max_tokens, dec.vocab_size)
+        st = self._state_for(batch, max(width + params.max_tokens, self.max_length or 0), dec.vocab_size)
         cache = st.cache
         logits = dec.prefill(cache, ids, mask)
         positions = mask.sum(-1)  # the next token's position in each prompt

@@ -37,4 +37,4 @@ def make_engine(kind: str, model, tokenizer, *, model_dir=None, lora_rank: int =
                               f"{', '.join(TESTED_VERSIONS)} (pip install 'tandem-rl[vllm]'); or use "
                               "rollout.engine native")
         log.info("rollout engine: native (%s)", reason)
-    return NativeEngine(model, tokenizer)
+    return NativeEngine(model, tokenizer, max_length=max_model_len)
