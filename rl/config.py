@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,6 +31,13 @@ def _check(ok: bool, message: str) -> None:
 
 def _one_of(section: str, key: str, value: Any, choices: tuple) -> None:
     _check(value in choices, f"{section}.{key} is {value!r}; choose one of: {', '.join(map(str, choices))}")
+
+
+def _one_source(task, path, tasks: str) -> None:
+    _check((task is None) != (path is None),
+           f"give exactly one of data.task ({tasks}) and data.path (a file or hub name)"
+           + ("; to replace a task set in the YAML from the command line, add --data.task null"
+              if task is not None else ""))
 
 
 @dataclass
@@ -170,8 +178,7 @@ class DataSection:
     shuffle: bool = True
 
     def __post_init__(self):
-        _check((self.task is None) != (self.path is None),
-               "give exactly one of data.task (arithmetic | countdown) and data.path (a file or hub name)")
+        _one_source(self.task, self.path, "arithmetic | countdown")
         if self.task is not None:
             _one_of("data", "task", self.task, ("arithmetic", "countdown"))
         _check(self.num_examples >= 1, f"data.num_examples is {self.num_examples}; use >= 1")
@@ -191,6 +198,12 @@ class RewardsSection:
                f"rewards.weights has {len(self.weights or [])} values for {len(self.functions)} functions; "
                "give one weight per function or leave it out")
         _check(self.timeout_s > 0, f"rewards.timeout_s is {self.timeout_s}; use a positive number of seconds")
+        if self.format not in ("think_answer", "boxed"):
+            try:
+                re.compile(self.format)
+            except re.error as e:
+                raise ConfigError(f"rewards.format {self.format!r} is neither think_answer, boxed nor a valid "
+                                  f"regular expression ({e}); fix the pattern or use a built-in format") from None
 
 
 @dataclass
@@ -244,8 +257,7 @@ class OfflineDataSection:
     shuffle: bool = True
 
     def __post_init__(self):
-        _check((self.task is None) != (self.path is None),
-               "give exactly one of data.task (arithmetic) and data.path (a file or hub name)")
+        _one_source(self.task, self.path, "arithmetic")
         if self.task is not None:
             _one_of("data", "task", self.task, ("arithmetic",))
         _check(self.num_examples >= 1, f"data.num_examples is {self.num_examples}; use >= 1")

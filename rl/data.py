@@ -60,6 +60,10 @@ def _load_path(cfg):
         if path.suffix in kinds:
             if not path.is_file():
                 raise DataError(f"data.path {cfg.path} does not exist; check the path")
+            with open(path, "rb") as f:
+                head = f.read(1 << 16)
+            if not head.strip() and path.stat().st_size <= len(head):
+                raise DataError(f"data.path {cfg.path} is an empty file; it needs one row per example")
             return datasets.load_dataset(kinds[path.suffix], data_files=str(path), split="train")
         if path.exists():
             raise DataError(f"data.path {cfg.path}: unsupported file type; use .jsonl, .json, .parquet or .csv")

@@ -202,6 +202,9 @@ def load_tokenizer(source, override: str | None):
 
     # random shapes: $TANDEM_TOKENIZER (a tokenizer directory) if set, else the packaged SmolLM2's
     where = override or source or os.environ.get("TANDEM_TOKENIZER") or _gguf_to_hf_dir(smollm2_gguf_path())
+    if override and _looks_like_path(str(override)) and not Path(override).expanduser().exists():
+        raise ModelError(f"model.tokenizer {override} does not exist; set it to a tokenizer directory (with "
+                         "tokenizer.json or tokenizer_config.json) or leave it out to use the model's own")
     try:
         tok = AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError) as e:
