@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Callable
 
 from rl.errors import RewardError
-from rewards import builtin
+from rewards import builtin, code
 
 BUILTINS: dict[str, Callable] = {
     "math_accuracy": builtin.math_accuracy,
     "format": builtin.format,
     "overlong_penalty": builtin.overlong_penalty,
     "countdown": builtin.countdown,
+    "python_tests": code.python_tests,
 }
 
 

@@ -191,6 +191,9 @@ class RewardsSection:
     weights: list[float] | None = None  # one per function; None = all 1.0
     timeout_s: float = 60.0  # per call of one reward function on one batch
     format: str = "think_answer"  # what the `format` reward checks: think_answer | boxed | a regex
+    code_timeout_s: float = 10.0  # python_tests: wall-clock seconds per program (CPU seconds likewise)
+    code_memory_mb: int = 1024  # python_tests: address space per program
+    code_on_error: str = "zero"  # python_tests: a program that hangs or is killed scores 0 (zero) or None (none)
 
     def __post_init__(self):
         _check(len(self.functions) >= 1, "rewards.functions is empty; list at least one, e.g. [math_accuracy]")
@@ -198,6 +201,9 @@ class RewardsSection:
                f"rewards.weights has {len(self.weights or [])} values for {len(self.functions)} functions; "
                "give one weight per function or leave it out")
         _check(self.timeout_s > 0, f"rewards.timeout_s is {self.timeout_s}; use a positive number of seconds")
+        _check(self.code_timeout_s > 0, f"rewards.code_timeout_s is {self.code_timeout_s}; use a positive number")
+        _check(self.code_memory_mb >= 16, f"rewards.code_memory_mb is {self.code_memory_mb}; use at least 16")
+        _one_of("rewards", "code_on_error", self.code_on_error, ("zero", "none"))
         if self.format not in ("think_answer", "boxed"):
             try:
                 re.compile(self.format)

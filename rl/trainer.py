@@ -20,6 +20,7 @@ step, so a resumed run draws what the uninterrupted run would have drawn.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import torch
@@ -31,6 +32,7 @@ from rl.loop import TrainerBase, collate, pad_rows
 from rl.model import resolve_source
 from rl.objectives import grpo_loss, group_advantages
 from rewards import RewardRunner
+from rewards.sandbox import Limits
 from rollout import SamplingParams, make_engine
 from rollout.vllm_engine import unsupported_reason
 
@@ -45,9 +47,13 @@ class GRPOTrainer(TrainerBase):
         self.dataset = load_dataset(cfg.data, cfg.train.seed)
         self.prompt_ids = tokenize_all(self.dataset, self.tokenizer, cfg.data, cfg.rollout.max_prompt_tokens)
         self.stream = PromptStream(len(self.dataset), cfg.train.seed, cfg.data.shuffle)
+        code_limits = Limits(wall_s=cfg.rewards.code_timeout_s, cpu_s=max(1, math.ceil(cfg.rewards.code_timeout_s)),
+                             memory_mb=cfg.rewards.code_memory_mb)
         self.rewards = RewardRunner(cfg.rewards.functions, cfg.rewards.weights, cfg.rewards.timeout_s,
                                     options={"format": {"format": cfg.rewards.format},
-                                             "overlong_penalty": {"max_tokens": cfg.rollout.max_tokens}})
+                                             "overlong_penalty": {"max_tokens": cfg.rollout.max_tokens},
+                                             "python_tests": {"limits": code_limits,
+                                                              "on_error": cfg.rewards.code_on_error}})
         self._preflight_rewards()
         self.engine = self._make_engine()
 
