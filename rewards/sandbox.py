@@ -67,11 +67,11 @@ def run_sandboxed(source: str, limits: Limits = DEFAULT_LIMITS) -> SandboxResult
     try:
         os.chown(scratch, NOBODY, NOBODY)
         (scratch / "program.py").write_text(source)
-        out, err = scratch / "stdout.txt", scratch / "stderr.txt"
         cmd = [sys.executable, "-I", "-S", __file__, str(scratch), str(limits.cpu_s), str(limits.memory_mb),
                str(limits.processes), str(limits.file_mb)]
         t0 = time.perf_counter()
-        with open(out, "wb") as fo, open(err, "wb") as fe:
+        # output goes to unlinked files outside the scratch directory: the program cannot remove or replace them
+        with tempfile.TemporaryFile() as fo, tempfile.TemporaryFile() as fe:
             proc = subprocess.Popen(cmd, cwd=scratch, stdin=subprocess.DEVNULL, stdout=fo, stderr=fe,
                                     start_new_session=True, env={"PATH": "/usr/bin:/bin", "HOME": str(scratch),
                                                                  "TMPDIR": str(scratch), "LANG": "C.UTF-8"})
@@ -86,9 +86,13 @@ def run_sandboxed(source: str, limits: Limits = DEFAULT_LIMITS) -> SandboxResult
                 except ProcessLookupError:
                     pass
                 proc.wait()
-        seconds = time.perf_counter() - t0
-        read = lambda p: p.read_bytes()[:1 << 16].decode(errors="replace")  # noqa: E731
-        return SandboxResult(code, read(out), read(err), timed_out, seconds)
+            seconds = time.perf_counter() - t0
+
+            def read(f) -> str:
+                f.seek(0)
+                return f.read(1 << 16).decode(errors="replace")
+
+            return SandboxResult(code, read(fo), read(fe), timed_out, seconds)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -112,3 +112,8 @@ def test_a_grpo_run_scores_code_in_the_sandbox(tmp_path):
     GRPOTrainer(cfg).train()
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["step"] == 1 and time.perf_counter() - t0 < 60  # the hanging tests cost a second each
+
+
+def test_the_program_cannot_tamper_with_its_reported_output():
+    result = run_sandboxed("import os\nfor name in os.listdir('.'):\n    os.remove(name)\nprint('done')\n", FAST)
+    assert result.returncode == 0 and result.stdout == "done\n"
