@@ -131,6 +131,7 @@ def _launch(scratch: str, cpu_s: int, memory_mb: int, processes: int, file_mb: i
               f"cover {blocked}")
         os.makedirs(prefix, exist_ok=True)
         check(libc.mount(holder.encode(), prefix.encode(), None, MS_MOVE, None), "move the interpreter back")
+        os.rmdir(holder)
     with open("/proc/self/mounts") as f:
         points = [line.split()[1] for line in f]
     for point in sorted(set(points), key=len):
