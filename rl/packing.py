@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from kernels import selective_logprobs
+from rl.logprobs import positions_from_mask
 from rl.model import unwrap
 
 
@@ -62,7 +63,7 @@ def pad_examples(examples: list[tuple[list[int], list[int]]], pad_id: int,
         ids[i, :n] = torch.tensor(prompt + completion)
         att[i, :n] = 1
         scored[i, max(len(prompt) if completion_only else 1, 1):n] = True
-    return {"input_ids": ids, "position_ids": (att.cumsum(-1) - 1).clamp(min=0), "attention_mask": att,
+    return {"input_ids": ids, "position_ids": positions_from_mask(att), "attention_mask": att,
             "loss_mask": scored[:, 1:].float()}
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import apply_rope, rms_norm, swiglu
+from rl.logprobs import positions_from_mask
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -109,7 +110,7 @@ class Decoder:
         """ids, mask (P, W), left-padded, into cache rows 0..P-1, slots 0..W-1 -> last logits (P, V)."""
         p, w = ids.shape
         mask = mask.bool()
-        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        positions = positions_from_mask(mask.long())
         causal = torch.ones((w, w), dtype=torch.bool, device=ids.device).tril()
         attend = causal[None] & mask[:, None, :]  # (P, W queries, W keys)
         if self.window is not None:

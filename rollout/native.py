@@ -23,6 +23,7 @@ import logging
 import torch
 from transformers import DynamicCache
 
+from rl.logprobs import positions_from_mask
 from rollout.decode_state import DecodeState
 from rollout.decoder import Decoder
 from rollout.engine import Completion, SamplingParams
@@ -163,6 +164,7 @@ class NativeEngine:
         if params.seed is not None and params.temperature > 0:
             generator = torch.Generator(device=dev).manual_seed(params.seed)
         stop_ids = tuple(_stop_ids(self.model, self.tokenizer, params))
+        module_state = self._module_state()  # fixed for the rollout: part of every captured graph's key
         if stop_ids not in self._stop_tensors:  # kept: captured graphs read it at its address
             self._stop_tensors[stop_ids] = torch.tensor(stop_ids, device=dev, dtype=torch.long)
         stop_t = self._stop_tensors[stop_ids]
@@ -181,7 +183,7 @@ class NativeEngine:
             slot = width + t - 1  # where token t-1's K and V go
             length = min(st.length, -(-(slot + 1) // self.length_bucket) * self.length_bucket)
             self._draw_noise(st, batch, params, generator)
-            self._step(st, batch, length, params, stop_ids, stop_t)
+            self._step(st, batch, length, params, (module_state, stop_ids), stop_t)
         st.flush(batch, out_row, out, params.max_tokens)
         return tuple(x[:rows].cpu() for x in out)
 
@@ -189,13 +191,14 @@ class NativeEngine:
         if params.temperature > 0:  # drawn outside the graph: the generator's state advances on the host
             st.noise[:batch].exponential_(generator=generator)
 
-    def _step(self, st, batch: int, length: int, params, stop_ids: tuple, stop_t):
-        """Decode one token for rows 0..batch-1 and sample the next: replayed from a CUDA graph on CUDA."""
+    def _step(self, st, batch: int, length: int, params, baked: tuple, stop_t):
+        """Decode one token for rows 0..batch-1 and sample the next: replayed from a CUDA graph on CUDA.
+        `baked`: what a graph fixes besides tensors and shapes (the active adapters, the stop ids)."""
         run = lambda: st.advance(self.decoder, batch, length, params, stop_t, self.pad_id)  # noqa: E731
         if not (self.cuda_graphs and st.tok.is_cuda):
             return run()
-        key = (batch, length, self._module_state(), self.decoder.merged is not None, params.temperature,
-               params.top_k, params.top_p, stop_ids)
+        key = (batch, length, baked, self.decoder.merged is not None, params.temperature, params.top_k,
+               params.top_p)
         graph = self._graphs.get(key)
         if graph is not None:
             graph.replay()
@@ -237,7 +240,7 @@ class NativeEngine:
         """Left-padded prompts -> (last logits (P, V), cache, attention mask (P, L), next positions (P,))."""
         ids, mask = self._left_padded(prompts)
         mask = mask.long()
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = positions_from_mask(mask)
         cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                          use_cache=True, logits_to_keep=1)
