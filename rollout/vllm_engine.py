@@ -6,7 +6,7 @@
 - In-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): no second process, no second copy of anything.
 - Shared base: vLLM loads the model once; then each frozen base parameter of the policy (embeddings, norms,
   projections; q/k/v and gate/up cut out of vLLM's fused matrices by their output sizes) is replaced by a
-  view of vLLM's tensor. The base exists once in memory (`shared_parameters()` lists what was shared).
+  view of vLLM's tensor. The base exists once in memory (`engine.shared` lists what was shared).
   On CPU, vLLM 0.32 would repack each linear weight into a oneDNN handle and empty the parameter; the
   models registered here (`Tandem<Arch>`, through vLLM's ModelRegistry) mark their linear layers with the
   flag vLLM's CPU path honours to keep plain weights instead (`_cpu_skip_gemm_dispatch`).
@@ -191,9 +191,6 @@ class VLLMEngine:
     def _vllm_module(self, name: str):
         module = self.vllm_model.get_submodule(name)
         return getattr(module, "base_layer", module)
-
-    def shared_parameters(self) -> list[str]:
-        return list(self.shared)
 
     # ------------------------------------------------------------------ LoRA
 
