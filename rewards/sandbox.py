@@ -104,6 +104,10 @@ def _launch(scratch: str, cpu_s: int, memory_mb: int, processes: int, file_mb: i
     import resource
 
     libc = ctypes.CDLL(None, use_errno=True)
+    # the base interpreter, not a virtual environment's link to it (the environment's directory is not
+    # uncovered), resolved now: once the launcher is nobody it may not read the links on the way to it.
+    # The program gets the standard library only (-I -S).
+    python = os.path.realpath(sys.executable)
 
     def check(ok, what):
         if ok != 0:
@@ -147,9 +151,6 @@ def _launch(scratch: str, cpu_s: int, memory_mb: int, processes: int, file_mb: i
     os.setgroups([])
     os.setgid(NOBODY)
     os.setuid(NOBODY)
-    # the base interpreter, not a virtual environment's link to it (the environment's directory is not
-    # uncovered); the program gets the standard library only (-I -S)
-    python = os.path.realpath(sys.executable)
     os.execv(python, [python, "-I", "-S", os.path.join(scratch, "program.py")])
 
 
