@@ -225,24 +225,25 @@ def bench_shape(name: str, n: int, peers, only: set[str] | None = None) -> list[
         for impl, fn in impls.items():
             record(op, impl, fn, make, b_fwd, b_bwd)
 
-    if only is not None and "selective_logprobs" not in only:
-        return rows
-    targets = randint(vocab, n)
-    for frozen in (False, True):
-        # trainable head: d hidden and d weight (6NHV useful FLOPs); frozen (LoRA): d hidden only (4NHV).
-        # (The chunked torch twin is a correctness reference, not a contender: tests/, not timed here.)
-        lp_impls = {"triton": lambda h, w: selective_logprobs(h, w, targets),
-                    "eager (full logits)": lambda h, w: full_logits_logprobs(h, w, targets),
-                    "compile (full logits)": torch.compile(lambda h, w: full_logits_logprobs(h, w, targets))}
-        if peers:
-            lp_impls["liger FLCE"] = lambda h, w: peers["logprobs"](h, w, targets)
-        weight = leaf(vocab, hidden, scale=0.02).requires_grad_(not frozen)
-        head = "frozen head" if frozen else "trainable head"
-        for impl, fn in lp_impls.items():
-            record("selective_logprobs", f"{impl}, {head}", functools.partial(with_head, fn, weight),
-                   lambda: (leaf(n, hidden),), flops=(4 if frozen else 6) * n * hidden * vocab)
-        del weight
+    if only is None or "selective_logprobs" in only:
+        targets = randint(vocab, n)
+        for frozen in (False, True):
+            # trainable head: d hidden and d weight (6NHV useful FLOPs); frozen (LoRA): d hidden only (4NHV).
+            # (The chunked torch twin is a correctness reference, not a contender: tests/, not timed here.)
+            lp_impls = {"triton": lambda h, w: selective_logprobs(h, w, targets),
+                        "eager (full logits)": lambda h, w: full_logits_logprobs(h, w, targets),
+                        "compile (full logits)": torch.compile(lambda h, w: full_logits_logprobs(h, w, targets))}
+            if peers:
+                lp_impls["liger FLCE"] = lambda h, w: peers["logprobs"](h, w, targets)
+            weight = leaf(vocab, hidden, scale=0.02).requires_grad_(not frozen)
+            head = "frozen head" if frozen else "trainable head"
+            for impl, fn in lp_impls.items():
+                record("selective_logprobs", f"{impl}, {head}", functools.partial(with_head, fn, weight),
+                       lambda: (leaf(n, hidden),), flops=(4 if frozen else 6) * n * hidden * vocab)
+            del weight
 
+    if only is not None and "nf4_dequant" not in only:
+        return rows
     import bitsandbytes.functional as F
 
     w = randn(inter, hidden, dtype=DT)
@@ -283,7 +284,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--ops", help="only these (comma-separated: rms_norm,swiglu,rope,selective_logprobs)")
+    parser.add_argument("--ops", help="only these (comma-separated: rms_norm,swiglu,rope,selective_logprobs,nf4_dequant)")
     parser.add_argument("--json", help="write all rows here")
     args = parser.parse_args(argv)
     torch.manual_seed(0)

@@ -5,8 +5,9 @@
 
 Random-init models of real shapes (vocabulary cut to the tokenizer's 49,152) with LoRA r16 on all projections,
 as in GRPO. Every row generates exactly its token budget (no stop tokens), sampling at temperature 1. `native`
-decodes through merged working weights (base + LoRA, one matmul per projection group), `native-modules`
-through the policy's LoRA-wrapped modules. Per run: generated tokens/s, and for the native engine the mean
+decodes through merged working weights (base + LoRA, one matmul per projection group), `native-4bit` for an
+NF4 base at batches up to 16 through its 4-bit codes with the adapters fused (rollout/packed4.py),
+`native-modules` through the policy's LoRA-wrapped modules. Per run: generated tokens/s, and for the native engine the mean
 decode step against the bandwidth floor of that step, (weight bytes + KV bytes attended) / device-to-device
 copy bandwidth measured in the same run. The first call of each (shape, batch) is a warm-up that pays capture
 and compile costs.
@@ -49,17 +50,21 @@ def weight_bytes(model) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def decode_weight_bytes(engine, model) -> int:
-    """Bytes of weights a decode step reads: every parameter once, the projections as the engine reads them
-    (merged working copy, or the base (4-bit when quantized) plus the adapters)."""
+def decode_weight_bytes(engine, model, batch: int) -> int:
+    """Bytes of weights a decode step of `batch` rows reads: every parameter once, the projections as the
+    engine reads them (4-bit codes and scales plus the adapters, a merged working copy, or the policy's
+    modules: the base (4-bit when quantized) plus the adapters)."""
     from rollout.merged import MergedWeights
 
     dec = engine.decoder
-    if dec.merged is None:
+    working = dec.working_weights(batch)
+    if working is None:
         return weight_bytes(model)
     projections = {id(p) for layer in dec.layers for group in MergedWeights.groups(layer) for m in group
                    for p in m.parameters()}
     rest = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in projections)
+    if dec.packed is not None and working is dec.packed.layers:
+        return rest + dec.packed.nbytes()
     return rest + MergedWeights.nbytes(dec)
 
 
@@ -76,10 +81,10 @@ def prompts(batch: int, vocab: int) -> list[list[int]]:
     return torch.randint(100, vocab, (batch, PROMPT_TOKENS), generator=g).tolist()
 
 
-def run_native(model, tokenizer, batch: int, tokens: int, merge_lora: bool) -> dict:
+def run_native(model, tokenizer, batch: int, tokens: int, impl: str) -> dict:
     from rollout import NativeEngine, SamplingParams
 
-    engine = NativeEngine(model, tokenizer, merge_lora=merge_lora)
+    engine = NativeEngine(model, tokenizer, merge_lora=impl != "native-modules", read_4bit=impl == "native-4bit")
     ps = prompts(batch, len(tokenizer))
     params = SamplingParams(max_tokens=tokens, temperature=1.0, stop_token_ids=[], seed=0)
     engine.generate(ps, params)  # warm-up: cache allocation and graph capture
@@ -92,7 +97,8 @@ def run_native(model, tokenizer, batch: int, tokens: int, merge_lora: bool) -> d
                for t in range(tokens - 1)]
     kv = batch * engine.decoder.kv_bytes_per_token() * sum(buckets) / len(buckets)
     out = dict(seconds=total, tokens_per_s=batch * tokens / total, step_ms=step * 1e3, prefill_ms=prefill * 1e3,
-               kv_bytes=kv, weight_bytes=decode_weight_bytes(engine, model), captured_graphs=len(engine._graphs))
+               kv_bytes=kv, weight_bytes=decode_weight_bytes(engine, model, batch),
+               captured_graphs=len(engine._graphs))
     engine.release()
     return out
 
@@ -115,7 +121,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="qwen2.5-1.5b,qwen2.5-7b")
     parser.add_argument("--quant", default="bf16,nf4")
-    parser.add_argument("--batches", default="8x256,64x1024,256x1024")
+    parser.add_argument("--batches", default="8x256,16x256,64x1024,256x1024")
     parser.add_argument("--impls", default="native,native-modules,hf-eager,hf-static")
     parser.add_argument("--json", help="write all rows here (after every row)")
     args = parser.parse_args(argv)
@@ -131,8 +137,8 @@ def main(argv=None) -> int:
                 for impl in args.impls.split(","):
                     row = dict(shape=shape, quant=quant, batch=batch, tokens=tokens, impl=impl, weight_bytes=wbytes)
                     try:
-                        if impl in ("native", "native-modules"):
-                            row.update(run_native(model, tokenizer, batch, tokens, merge_lora=impl == "native"))
+                        if impl.startswith("native"):
+                            row.update(run_native(model, tokenizer, batch, tokens, impl))
                             floor_ms = (row["weight_bytes"] + row["kv_bytes"]) / bandwidth / 1e6
                             row.update(floor_ms=floor_ms, step_over_floor=row["step_ms"] / floor_ms)
                         else:

@@ -59,25 +59,27 @@ if HAVE_TRITON:
 
     @triton.jit
     def _dequant_kernel(PACKED, ABSMAX, CODE, ABSMAX2, CODE2, OFFSET, OUT, n, BLOCKSIZE: tl.constexpr,
-                        BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BYTES: tl.constexpr):
-        # one byte per lane -> its two elements (high nibble first), stored as one contiguous run of 2 * BYTES
-        first = tl.program_id(0).to(tl.int64) * BYTES
-        offs = first + tl.arange(0, BYTES)
-        mask = 2 * offs < n
-        byte = tl.load(PACKED + offs, mask=mask, other=0).to(tl.int32)
-        block = (2 * offs) // BLOCKSIZE  # both elements of a byte share a block: the block size is even
+                        BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCKS: tl.constexpr):
+        # a tile of BLOCKS quantization blocks x BLOCKSIZE / 2 bytes: one scale per row of the tile, computed
+        # once, and each byte's two elements (high nibble first) stored as one contiguous run per block
+        block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
+        block_ok = block * BLOCKSIZE < n
         if NESTED:  # bitsandbytes' order: code2[q] * absmax2, rounded, then + offset (launched without FMA)
-            q = tl.load(ABSMAX + block, mask=mask, other=0).to(tl.int32)
-            scale = tl.load(CODE2 + q) * tl.load(ABSMAX2 + block // BLOCKSIZE2, mask=mask, other=0.0) + tl.load(OFFSET)
+            q = tl.load(ABSMAX + block, mask=block_ok, other=0).to(tl.int32)
+            scale = tl.load(CODE2 + q) * tl.load(ABSMAX2 + block // BLOCKSIZE2, mask=block_ok, other=0.0) \
+                + tl.load(OFFSET)
         else:
-            scale = tl.load(ABSMAX + block, mask=mask, other=0.0).to(tl.float32)
-        hi = tl.load(CODE + (byte >> 4)) * scale
-        lo = tl.load(CODE + (byte & 0xF)) * scale
-        out = 2 * first + tl.arange(0, 2 * BYTES)
+            scale = tl.load(ABSMAX + block, mask=block_ok, other=0.0).to(tl.float32)
+        pair = tl.arange(0, BLOCKSIZE // 2)
+        offs = block[:, None] * (BLOCKSIZE // 2) + pair[None, :]
+        byte = tl.load(PACKED + offs, mask=2 * offs < n, other=0).to(tl.int32)
+        hi = tl.load(CODE + (byte >> 4)) * scale[:, None]
+        lo = tl.load(CODE + (byte & 0xF)) * scale[:, None]
+        out = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
         tl.store(OUT + out, cast_to(tl.interleave(hi, lo), OUT.dtype.element_ty), mask=out < n)
 
 
-_BYTES = 2048  # per program: 4096 elements
+_ELEMENTS = 4096  # per program
 
 
 def _offset(quant_state) -> torch.Tensor:
@@ -101,9 +103,10 @@ def dequantize_nf4(packed: torch.Tensor, quant_state) -> torch.Tensor:
     nested = bool(quant_state.nested)
     s2 = quant_state.state2 if nested else None
     absmax, code = quant_state.absmax, quant_state.code
-    _dequant_kernel[(triton.cdiv(n, 2 * _BYTES),)](
+    blocks = max(1, _ELEMENTS // quant_state.blocksize)
+    _dequant_kernel[(triton.cdiv(n, blocks * quant_state.blocksize),)](
         packed.reshape(-1).view(torch.uint8), absmax, code, s2.absmax if nested else absmax,
         s2.code if nested else code, _offset(quant_state) if nested else absmax, out, n,
-        BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=s2.blocksize if nested else 1, NESTED=nested, BYTES=_BYTES,
+        BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=s2.blocksize if nested else 1, NESTED=nested, BLOCKS=blocks,
         enable_fp_fusion=False)
     return out

@@ -7,8 +7,9 @@
 
 It reads the policy's modules in place: projections (plain, peft LoRA-wrapped, bitsandbytes 4-bit), MLPs,
 the rotary embedding and the head are called as they are, so the live adapters are always the ones
-generating; or, when the engine has made them (rollout/merged.py), through merged working weights, one
-matmul per projection group. Norms, RoPE and SwiGLU go through Tandem's kernels (Triton on CUDA).
+generating; or, when the engine has made them, through working weights: merged (rollout/merged.py: one
+matmul per projection group) or, for a 4-bit base, its NF4 codes read as 4 bits (rollout/packed4.py), which
+is what a few rows per step want (the step is bound by the weights' bytes). Norms, RoPE and SwiGLU go through Tandem's kernels (Triton on CUDA).
 What it replaces is HF's attention plumbing: K and V go into fixed-size per-layer buffers at a slot that is
 the same for every row (prompts are left-padded), and a boolean `valid` mask per row says which slots hold
 real tokens. Every tensor has a fixed shape for a given (rows, attended length), which is what lets the
@@ -64,6 +65,7 @@ class Decoder:
         self.window = getattr(cfg, "sliding_window", None) if cfg.model_type == "mistral" else None
         self.qk_norm = hasattr(self.layers[0].self_attn, "q_norm")
         self.merged = None  # rollout.merged.MergedWeights, set by the engine when it merges LoRA for decoding
+        self.packed = None  # rollout.packed4.PackedNF4Weights, set by the engine for a 4-bit base on the GPU
 
     @classmethod
     def for_model(cls, model) -> Decoder | None:
@@ -136,30 +138,39 @@ class Decoder:
 
     # ------------------------------------------------------------------ the layers
 
+    PACKED_MAX_TOKENS = 16  # up to here a step is bound by the weights' bytes: read them as 4 bits
+
+    def working_weights(self, tokens: int):
+        """Per-layer projections for a forward over `tokens` tokens, or None for the policy's modules."""
+        if self.packed is not None and (tokens <= self.PACKED_MAX_TOKENS or self.merged is None):
+            return self.packed.layers
+        return self.merged.layers if self.merged is not None else None
+
     def _layers(self, cache, h, positions, slots, attend, rows, length):
         cos, sin = self.body.rotary_emb(h, positions)
+        working = self.working_weights(h.shape[0] * h.shape[1])
         for i, layer in enumerate(self.layers):
-            merged = self.merged.layers[i] if self.merged is not None else None
+            w = working[i] if working is not None else None
             x = _norm(layer.input_layernorm, h)
-            h = h + self._attention(layer.self_attn, merged, x, cos, sin, cache.keys[i], cache.values[i], slots,
+            h = h + self._attention(layer.self_attn, w, x, cos, sin, cache.keys[i], cache.values[i], slots,
                                     attend, rows, length)
             x = _norm(layer.post_attention_layernorm, h)
-            h = h + (self._mlp(merged, x) if merged is not None else layer.mlp(x))
+            h = h + (self._mlp(w, x) if w is not None else layer.mlp(x))
         return h
 
-    def _qkv(self, attn, merged, x):
-        if merged is None:
+    def _qkv(self, attn, w, x):
+        if w is None:
             return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-        qkv = F.linear(x, merged.qkv, merged.qkv_bias)
+        qkv = w.qkv(x)
         return qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], -1)
 
-    def _mlp(self, merged, x):
-        gate, up = F.linear(x, merged.gate_up).chunk(2, dim=-1)
-        return F.linear(swiglu(gate, up), merged.down)
+    def _mlp(self, w, x):
+        gate, up = w.gate_up(x).chunk(2, dim=-1)
+        return w.down(swiglu(gate, up))
 
-    def _attention(self, attn, merged, x, cos, sin, k_cache, v_cache, slots, attend, rows, length):
+    def _attention(self, attn, w, x, cos, sin, k_cache, v_cache, slots, attend, rows, length):
         b, t, _ = x.shape
-        q, k, v = self._qkv(attn, merged, x)
+        q, k, v = self._qkv(attn, w, x)
         q = q.view(b, t, self.n_heads, self.head_dim)
         k = k.view(b, t, self.n_kv, self.head_dim)
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
@@ -179,7 +190,7 @@ class Decoder:
                                                  values.repeat_interleave(group, 1), attn_mask=attend,
                                                  scale=self.scale)
         out = out.reshape(b, self.n_heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
-        return attn.o_proj(out) if merged is None else F.linear(out, merged.o)
+        return attn.o_proj(out) if w is None else w.o(out)
 
 
 def _norm(module, x):

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 def _base(linear):
@@ -38,9 +39,15 @@ def dense_weight(linear, dtype: torch.dtype) -> torch.Tensor:
     return bnbf.dequantize_4bit(w, state).to(dtype)
 
 
+def lora_active(linear) -> bool:
+    """peft applies this layer's adapters in its forward (they exist, are enabled and not merged in)."""
+    return hasattr(linear, "lora_A") and not getattr(linear, "disable_adapters", False) and \
+        not getattr(linear, "merged", False)
+
+
 def lora_delta(linear) -> torch.Tensor | None:
     """sum over active adapters of scale * B @ A, as peft applies them (None when there are none)."""
-    if not hasattr(linear, "lora_A") or getattr(linear, "disable_adapters", False) or getattr(linear, "merged", False):
+    if not lora_active(linear):
         return None
     delta = None
     for name in linear.active_adapters:
@@ -60,13 +67,20 @@ def mergeable(linear) -> bool:
     return hasattr(_base(linear), "weight")
 
 
+class DenseProjection:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
 @dataclass
 class LayerWeights:
-    qkv: torch.Tensor  # (q + k + v outputs, hidden)
-    qkv_bias: torch.Tensor | None
-    o: torch.Tensor
-    gate_up: torch.Tensor  # (2 x intermediate, hidden)
-    down: torch.Tensor
+    qkv: DenseProjection  # (q + k + v outputs, hidden)
+    o: DenseProjection
+    gate_up: DenseProjection  # (2 x intermediate, hidden)
+    down: DenseProjection
 
 
 class MergedWeights:
@@ -96,8 +110,8 @@ class MergedWeights:
         merged = cls(decoder, [])
         for layer in decoder.layers:
             qkv, o, gate_up, down = cls.groups(layer)
-            merged.layers.append(LayerWeights(merged._cat(qkv), merged._bias(qkv), merged._cat(o),
-                                              merged._cat(gate_up), merged._cat(down)))
+            merged.layers.append(LayerWeights(DenseProjection(merged._cat(qkv), merged._bias(qkv)),
+                                              *(DenseProjection(merged._cat(g)) for g in (o, gate_up, down))))
         return merged
 
     def _cat(self, group) -> torch.Tensor:
@@ -120,8 +134,8 @@ class MergedWeights:
     def refresh(self) -> None:
         """Recompute every merged weight in place from the live modules."""
         for layer, weights in zip(self.decoder.layers, self.layers):
-            for group, buf in zip(self.groups(layer), (weights.qkv, weights.o, weights.gate_up, weights.down)):
-                start = 0
+            for group, proj in zip(self.groups(layer), (weights.qkv, weights.o, weights.gate_up, weights.down)):
+                buf, start = proj.weight, 0
                 for m in group:
                     w = self._one(m)
                     buf[start:start + w.shape[0]].copy_(w)

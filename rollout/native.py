@@ -28,6 +28,7 @@ from rollout.decode_state import DecodeState
 from rollout.decoder import Decoder
 from rollout.engine import Completion, SamplingParams
 from rollout.merged import MergedWeights
+from rollout.packed4 import PackedNF4Weights
 from rollout.sampling import filter_logits, sample_tokens, sample_with_noise  # noqa: F401 (re-exported)
 
 log = logging.getLogger("tandem")
@@ -49,7 +50,8 @@ def _bucket(n: int) -> int:
 
 class NativeEngine:
     def __init__(self, model, tokenizer=None, cuda_graphs: bool = True, check_every: int = 8,
-                 length_bucket: int = 256, merge_lora: bool | None = None, max_length: int | None = None):
+                 length_bucket: int = 256, merge_lora: bool | None = None, max_length: int | None = None,
+                 read_4bit: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         pad = getattr(tokenizer, "pad_token_id", None)
@@ -67,6 +69,10 @@ class NativeEngine:
         self._graphs: dict = {}
         self._pool = None
         self._stop_tensors: dict[tuple, torch.Tensor] = {}
+        # read a 4-bit base's codes at small batches (rollout/packed4.py); off by default until its kernel beats
+        # merged bf16 weights (benchmarks/NOTES.md: it is latency-bound at decode shapes for now)
+        self._packed_ok = read_4bit
+        self._merged_ok = True  # until a build says it cannot be done (or not afforded)
 
     @property
     def device(self) -> torch.device:
@@ -90,31 +96,42 @@ class NativeEngine:
         makes them again)."""
         self._drop_state()
         if self.decoder is not None:
-            self.decoder.merged = None
+            self.decoder.merged = self.decoder.packed = None
 
     def _drop_state(self) -> None:
         self.state, self._graphs, self._pool = None, {}, None
 
     def _prepare_weights(self) -> None:
-        """Merged working weights for decoding when allowed and affordable; refreshed from the live adapters
-        before every rollout."""
+        """Working weights for decoding unless merge_lora is False (then the policy's modules): with read_4bit,
+        a 4-bit base's codes with the adapters fused (used for small batches), and merged weights when
+        they fit in half the free memory (larger batches); both refreshed from the live adapters before every
+        rollout."""
         dec = self.decoder
         if self.merge_lora is False:
             return
+        if dec.packed is not None:
+            dec.packed.refresh()
+        elif self._packed_ok:
+            dec.packed = PackedNF4Weights.build(dec)
+            self._packed_ok = dec.packed is not None
         if dec.merged is not None:
             dec.merged.refresh()
-            return
+        elif self._merged_ok:
+            dec.merged = self._build_merged()
+            self._merged_ok = dec.merged is not None
+
+    def _build_merged(self) -> MergedWeights | None:
+        dec = self.decoder
         need = MergedWeights.nbytes(dec)
         if self.merge_lora is None and dec.device.type == "cuda" and need > torch.cuda.mem_get_info()[0] // 2:
-            log.info("native engine: decoding through the policy's modules (merged weights would take %.1f GB)",
-                     need / 1e9)
-            self.merge_lora = False
-            return
-        dec.merged = MergedWeights.build(dec)
-        if dec.merged is None:
+            log.info("native engine: no merged weights (they would take %.1f GB); decoding through %s", need / 1e9,
+                     "the 4-bit codes" if dec.packed is not None else "the policy's modules")
+            return None
+        merged = MergedWeights.build(dec)
+        if merged is None:
             log.info("native engine: these layers cannot be merged (DoRA or another activation); decoding "
                      "through the policy's modules")
-            self.merge_lora = False
+        return merged
 
     # ------------------------------------------------------------------ static cache, CUDA graphs
 
@@ -197,8 +214,8 @@ class NativeEngine:
         run = lambda: st.advance(self.decoder, batch, length, params, stop_t, self.pad_id)  # noqa: E731
         if not (self.cuda_graphs and st.tok.is_cuda):
             return run()
-        key = (batch, length, baked, self.decoder.merged is not None, params.temperature, params.top_k,
-               params.top_p)
+        key = (batch, length, baked, self.decoder.merged is not None, self.decoder.packed is not None,
+               params.temperature, params.top_k, params.top_p)
         graph = self._graphs.get(key)
         if graph is not None:
             graph.replay()

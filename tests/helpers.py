@@ -6,9 +6,13 @@ from rl.config import GRPORunConfig, LoraSection, ModelSection, build_config
 from rl.model import load_policy
 
 
-def tiny_policy(shape="tiny", load_in_4bit=False, lora_r=8, seed=0, perturb_lora=True):
-    """A tiny random-init policy with LoRA; lora_B is made non-zero so that the adapters change outputs."""
-    model = ModelSection(name=f"random:{shape}", load_in_4bit=load_in_4bit, kernels=False)  # tests patch explicitly
+def tiny_policy(shape="tiny", load_in_4bit=False, lora_r=8, seed=0, perturb_lora=True, dtype="float32"):
+    """A tiny random-init policy with LoRA; lora_B is made non-zero so that the adapters change outputs.
+
+    fp32 on every device (auto would be bf16 on CUDA): the tests compare implementations token for token, and
+    in bf16 two correct ones round differently and part at the first near-tie of a random model."""
+    model = ModelSection(name=f"random:{shape}", load_in_4bit=load_in_4bit, kernels=False,  # tests patch explicitly
+                         dtype=dtype)
     policy = load_policy(model, LoraSection(r=lora_r), seed=seed)
     if perturb_lora:
         g = torch.Generator().manual_seed(seed + 1)

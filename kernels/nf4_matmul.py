@@ -1,0 +1,138 @@
+"""y = x W^T + u B^T + bias with W read as 4-bit NF4 codes: the decode-time projection of a QLoRA policy.
+
+    y = nf4_matmul(x, packed, absmax, code, out_features, u=None, lora_b=None, bias=None)
+    # x (M, K); packed: uint8, two codes per byte, high nibble first, the (out_features, K) weight flattened
+    # row-major (bitsandbytes' layout); absmax: fp32, one scale per `blocksize` elements; code: the 16 NF4
+    # values; u = x A^T (M, R) and lora_b (out_features, R), the low-rank path with its scale folded into B.
+
+At decode a batch of a few rows multiplies every weight once: the step is bound by the bytes of the
+weights, and dequantizing to a dense copy first moves nine times the bytes (read 0.5, write 2, read 2 per
+element, against 0.5). This kernel reads the codes and scales and dequantizes in registers, tile by tile, straight into
+tensor-core dots (`tl.dot` wants 16 rows or more: a smaller batch is masked up to 16 rows, which costs
+arithmetic that the memory-bound step has to spare). Each element is dequantized as bitsandbytes does it,
+code * absmax in fp32 then cast, so the product is the one of `dequantize_4bit(W) @ x` up to summation order.
+The low-rank path is one more small dot per output tile, so a LoRA projection is two launches (u = x A^T,
+then this) instead of five.
+
+Inference only (no autograd): training goes through kernels/lora.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.backend import HAVE_TRITON, interpreting, use_triton
+
+
+def nf4_weight_torch(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, out_features: int,
+                     blocksize: int, dtype: torch.dtype) -> torch.Tensor:
+    flat = packed.reshape(-1).view(torch.uint8)
+    idx = torch.stack(((flat >> 4), (flat & 0xF)), dim=1).reshape(-1).long()
+    blocks = torch.arange(idx.numel(), device=packed.device) // blocksize
+    return (code.float()[idx] * absmax[blocks]).to(dtype).reshape(out_features, -1)
+
+
+def nf4_matmul_torch(x, packed, absmax, code, out_features: int, u=None, lora_b=None, bias=None, blocksize=64):
+    y = x @ nf4_weight_torch(packed, absmax, code, out_features, blocksize, x.dtype).T
+    if u is not None:
+        y = y + (u @ lora_b.T).to(y.dtype)
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from kernels.triton_cast import cast_to
+
+    @triton.jit
+    def _nf4_matmul_kernel(X, PACKED, ABSMAX, CODE, U, LB, BIAS, Y, M, N, K, stride_xm, stride_um, stride_ym,
+                           R: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+                           DOT_FP32: tl.constexpr):
+        rm = tl.program_id(1) * BM + tl.arange(0, BM)
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        m_ok, n_ok = rm < M, rn < N
+        pair = tl.arange(0, BK // 2)  # the byte holding columns k0 + 2j (high nibble) and k0 + 2j + 1 (low)
+        row = rn.to(tl.int64)[:, None] * K
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            even = k0 + 2 * pair
+            k_ok = even < K
+            x_even = tl.load(X + rm[:, None] * stride_xm + even[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                             other=0.0)
+            x_odd = tl.load(X + rm[:, None] * stride_xm + even[None, :] + 1, mask=m_ok[:, None] & k_ok[None, :],
+                            other=0.0)
+            element = row + even[None, :]  # (BN, BK/2) flat index of each byte's first element
+            w_ok = n_ok[:, None] & k_ok[None, :]
+            byte = tl.load(PACKED + element // 2, mask=w_ok, other=0).to(tl.int32)
+            scale = tl.load(ABSMAX + element // BLOCKSIZE, mask=w_ok, other=0.0)
+            w_hi = cast_to(tl.load(CODE + (byte >> 4)) * scale, X.dtype.element_ty)
+            w_lo = cast_to(tl.load(CODE + (byte & 0xF)) * scale, X.dtype.element_ty)
+            if DOT_FP32:  # the same products, exact in fp32 (see nf4_matmul)
+                x_even, x_odd, w_hi, w_lo = (x_even.to(tl.float32), x_odd.to(tl.float32), w_hi.to(tl.float32),
+                                             w_lo.to(tl.float32))
+            acc += tl.dot(x_even, tl.trans(w_hi), input_precision=PRECISION)
+            acc += tl.dot(x_odd, tl.trans(w_lo), input_precision=PRECISION)
+        if HAS_LORA:
+            r = tl.arange(0, R)
+            u = tl.load(U + rm[:, None] * stride_um + r[None, :], mask=m_ok[:, None], other=0.0)
+            b = tl.load(LB + rn[:, None] * R + r[None, :], mask=n_ok[:, None], other=0.0)
+            if DOT_FP32:
+                u, b = u.to(tl.float32), b.to(tl.float32)
+            acc += tl.dot(u, tl.trans(b), input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + rm[:, None] * stride_ym + rn[None, :], cast_to(acc, Y.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+
+_SMS = 132  # enough programs to cover an H100/H200's multiprocessors a few times over
+
+
+def _tiles(m: int, n: int) -> tuple[int, int]:
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    for bn in (64, 32):
+        if triton.cdiv(n, bn) * triton.cdiv(m, bm) >= 2 * _SMS:
+            return bm, bn
+    return bm, 16
+
+
+def nf4_matmul(x, packed, absmax, code, out_features: int, u=None, lora_b=None, bias=None, blocksize: int = 64,
+               tiles: tuple[int, int, int] | None = None):
+    """x (..., K) -> (..., out_features); see the module docstring. `lora_b` has R columns, R a power of two
+    >= 16 (pad with zeros), and u = x A^T has the same R. `tiles` = (BN, BK, warps) overrides the choice
+    (for benchmarks/bench_nf4_matmul.py)."""
+    if not use_triton(x):
+        return nf4_matmul_torch(x, packed, absmax, code, out_features, u, lora_b, bias, blocksize)
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m, k = x2.shape
+    if k % 2:
+        raise ValueError(f"nf4_matmul needs an even number of input features, got {k}")
+    y = torch.empty((m, out_features), dtype=x.dtype, device=x.device)
+    has_lora = u is not None
+    if has_lora:
+        u = u.reshape(-1, u.shape[-1])
+        r = u.shape[-1]
+        if r < 16 or r & (r - 1) or lora_b.shape != (out_features, r) or not lora_b.is_contiguous():
+            raise ValueError("nf4_matmul: u (M, R) and lora_b (out, R) contiguous, R a power of two >= 16")
+    bm, bn = _tiles(m, out_features)
+    bk, warps = 128, 4
+    if tiles is not None:
+        bn, bk, warps = tiles
+    # Triton's CPU interpreter computes bf16 dots wrongly; products of bf16 values are exact in fp32, so the
+    # interpreter gets fp32 operands and IEEE dots: the same result a GPU's bf16 dot accumulates in fp32
+    dot_fp32 = x.dtype == torch.float32 or interpreting()
+    grid = (triton.cdiv(out_features, bn), triton.cdiv(m, bm))
+    _nf4_matmul_kernel[grid](
+        x2, packed, absmax, code, u if has_lora else x2, lora_b if has_lora else x2,
+        bias if bias is not None else x2, y, m, out_features, k, x2.stride(0), u.stride(0) if has_lora else 0,
+        y.stride(0), R=u.shape[-1] if has_lora else 16, HAS_LORA=has_lora, HAS_BIAS=bias is not None,
+        BLOCKSIZE=blocksize, BM=bm, BN=bn, BK=bk, PRECISION="ieee" if dot_fp32 else "tf32", DOT_FP32=dot_fp32,
+        num_warps=warps)
+    return y.view(*shape[:-1], out_features)
