@@ -284,7 +284,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--shapes", default=",".join(SHAPES))
-    parser.add_argument("--ops", help="only these (comma-separated: rms_norm,swiglu,rope,selective_logprobs,nf4_dequant)")
+    parser.add_argument("--ops", help="only these, comma-separated: rms_norm, swiglu, rope, selective_logprobs, "
+                        "nf4_dequant")
     parser.add_argument("--json", help="write all rows here")
     args = parser.parse_args(argv)
     torch.manual_seed(0)

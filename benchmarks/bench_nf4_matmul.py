@@ -3,12 +3,14 @@
 
     python benchmarks/bench_nf4_matmul.py [--rows 1,8,16] [--sweep]
 
-Times are GPU times of 50 calls replayed from one CUDA graph (no host overhead). --sweep tries tile shapes.
+Times are GPU times of 50 calls replayed from one CUDA graph (no host overhead). --sweep tries tile shapes
+and K splits.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 
 import torch
@@ -43,10 +45,32 @@ def graph_us(fn, calls=50) -> float:
     return start.elapsed_time(end) * 1e3 / (5 * calls)
 
 
-def main(argv=None) -> int:
+def bench(name: str, n: int, k: int, m: int, bw: float, sweep: bool) -> None:
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
+    w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / 30
+    packed, state = bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True)
+    absmax, code = absmax_fp32(state), state.code.float()
+    x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+    nbytes = n * k / 2 + absmax.numel() * 4
+    impls = {"bf16 F.linear": lambda: F.linear(x, w),
+             "bitsandbytes matmul_4bit": lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state),
+             "tandem nf4_matmul": lambda: nf4_matmul(x, packed, absmax, code, n)}
+    if sweep:
+        for bn, bk, warps, split in itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (1, 4, 16)):
+            impls[f"BN{bn} BK{bk} w{warps} split{split}"] = functools.partial(
+                nf4_matmul, x, packed, absmax, code, n, plan=(16, bn, bk, warps, split))
+    for impl, fn in impls.items():
+        try:
+            us = graph_us(fn)
+        except Exception as e:  # noqa: BLE001  (a tile shape that does not compile is reported, not fatal)
+            print(f"| {name} | {m} | {impl} | error: {str(e).splitlines()[0][:80]} | | |")
+            continue
+        print(f"| {name} | {m} | {impl} | {us:.1f} | {nbytes / us / 1e3:.0f} | {nbytes / bw / 1e3:.1f} |")
+
+
+def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="1,8,16")
     parser.add_argument("--sweep", action="store_true")
@@ -57,26 +81,7 @@ def main(argv=None) -> int:
     print(f"device {torch.cuda.get_device_name()}, copy bandwidth {bw:.0f} GB/s")
     print("| weight | rows | impl | us | GB/s of 4-bit weight | floor us |\n|---|---|---|---|---|---|")
     for (name, (n, k)), m in itertools.product(SHAPES.items(), map(int, a.rows.split(","))):
-        w = torch.randn(n, k, dtype=torch.bfloat16, device="cuda") / 30
-        packed, state = bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=True)
-        absmax, code = absmax_fp32(state), state.code.float()
-        x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
-        nbytes = n * k / 2 + absmax.numel() * 4
-        floor = nbytes / bw / 1e3
-        impls = {"bf16 F.linear": lambda: F.linear(x, w),
-                 "bitsandbytes matmul_4bit": lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state),
-                 "tandem nf4_matmul": lambda: nf4_matmul(x, packed, absmax, code, n)}
-        if a.sweep:
-            for bn, bk, warps in itertools.product((16, 32, 64), (64, 128, 256), (2, 4, 8)):
-                impls[f"tiles BN{bn} BK{bk} w{warps}"] = (
-                    lambda bn=bn, bk=bk, warps=warps: nf4_matmul(x, packed, absmax, code, n, tiles=(bn, bk, warps)))
-        for impl, fn in impls.items():
-            try:
-                us = graph_us(fn)
-            except Exception as e:  # noqa: BLE001  (a tile shape that does not compile is reported, not fatal)
-                print(f"| {name} | {m} | {impl} | error: {str(e).splitlines()[0][:80]} | | |")
-                continue
-            print(f"| {name} | {m} | {impl} | {us:.1f} | {nbytes / us / 1e3:.0f} | {floor:.1f} |")
+        bench(name, n, k, m, bw, a.sweep)
     return 0
 
 

@@ -7,10 +7,10 @@ Random-init models of real shapes (vocabulary cut to the tokenizer's 49,152) wit
 as in GRPO. Every row generates exactly its token budget (no stop tokens), sampling at temperature 1. `native`
 decodes through merged working weights (base + LoRA, one matmul per projection group), `native-4bit` for an
 NF4 base at batches up to 16 through its 4-bit codes with the adapters fused (rollout/packed4.py),
-`native-modules` through the policy's LoRA-wrapped modules. Per run: generated tokens/s, and for the native engine the mean
-decode step against the bandwidth floor of that step, (weight bytes + KV bytes attended) / device-to-device
-copy bandwidth measured in the same run. The first call of each (shape, batch) is a warm-up that pays capture
-and compile costs.
+`native-modules` through the policy's LoRA-wrapped modules. Per run: generated tokens/s, and for the native
+engine the mean decode step against the bandwidth floor of that step, (weight bytes + KV bytes attended) /
+device-to-device copy bandwidth measured in the same run. The first call of each (shape, batch) is a warm-up
+that pays capture and compile costs.
 """
 
 from __future__ import annotations

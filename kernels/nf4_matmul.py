@@ -48,19 +48,39 @@ if HAVE_TRITON:
     from kernels.triton_cast import cast_to
 
     @triton.jit
-    def _nf4_matmul_kernel(X, PACKED, ABSMAX, CODE, U, LB, BIAS, Y, M, N, K, stride_xm, stride_um, stride_ym,
-                           R: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCKSIZE: tl.constexpr,
-                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
-                           DOT_FP32: tl.constexpr):
-        rm = tl.program_id(1) * BM + tl.arange(0, BM)
+    def _lora_bias_store(acc, rm, rn, m_ok, n_ok, U, LB, BIAS, Y, stride_um, stride_ym, R: tl.constexpr,
+                         HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+                         DOT_FP32: tl.constexpr):
+        if HAS_LORA:
+            r = tl.arange(0, R)
+            u = tl.load(U + rm[:, None] * stride_um + r[None, :], mask=m_ok[:, None], other=0.0)
+            b = tl.load(LB + rn[:, None] * R + r[None, :], mask=n_ok[:, None], other=0.0)
+            if DOT_FP32:
+                u, b = u.to(tl.float32), b.to(tl.float32)
+            acc += tl.dot(u, tl.trans(b), input_precision=PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(Y + rm[:, None] * stride_ym + rn[None, :], cast_to(acc, Y.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _nf4_matmul_kernel(X, PACKED, ABSMAX, CODE, U, LB, BIAS, Y, PARTIAL, M, N, K, K_PER, stride_xm,
+                           stride_um, stride_ym, R: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           BLOCKSIZE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                           SPLIT: tl.constexpr, PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+        # program (n tile, k slice, m tile): the dot of its rows of x with its tile of W over K_PER columns;
+        # with SPLIT the fp32 partial goes to PARTIAL[k slice] and _nf4_reduce_kernel finishes the sum
+        rm = tl.program_id(2) * BM + tl.arange(0, BM)
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         m_ok, n_ok = rm < M, rn < N
         pair = tl.arange(0, BK // 2)  # the byte holding columns k0 + 2j (high nibble) and k0 + 2j + 1 (low)
         row = rn.to(tl.int64)[:, None] * K
+        k_start = tl.program_id(1) * K_PER
+        k_end = tl.minimum(k_start + K_PER, K)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for k0 in range(0, K, BK):
+        for k0 in range(k_start, k_end, BK):
             even = k0 + 2 * pair
-            k_ok = even < K
+            k_ok = even < k_end
             x_even = tl.load(X + rm[:, None] * stride_xm + even[None, :], mask=m_ok[:, None] & k_ok[None, :],
                              other=0.0)
             x_odd = tl.load(X + rm[:, None] * stride_xm + even[None, :] + 1, mask=m_ok[:, None] & k_ok[None, :],
@@ -76,35 +96,49 @@ if HAVE_TRITON:
                                              w_lo.to(tl.float32))
             acc += tl.dot(x_even, tl.trans(w_hi), input_precision=PRECISION)
             acc += tl.dot(x_odd, tl.trans(w_lo), input_precision=PRECISION)
-        if HAS_LORA:
-            r = tl.arange(0, R)
-            u = tl.load(U + rm[:, None] * stride_um + r[None, :], mask=m_ok[:, None], other=0.0)
-            b = tl.load(LB + rn[:, None] * R + r[None, :], mask=n_ok[:, None], other=0.0)
-            if DOT_FP32:
-                u, b = u.to(tl.float32), b.to(tl.float32)
-            acc += tl.dot(u, tl.trans(b), input_precision=PRECISION)
-        if HAS_BIAS:
-            acc += tl.load(BIAS + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(Y + rm[:, None] * stride_ym + rn[None, :], cast_to(acc, Y.dtype.element_ty),
-                 mask=m_ok[:, None] & n_ok[None, :])
+        if SPLIT:
+            tile = PARTIAL + tl.program_id(1).to(tl.int64) * M * N
+            tl.store(tile + rm[:, None] * N + rn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+        else:
+            _lora_bias_store(acc, rm, rn, m_ok, n_ok, U, LB, BIAS, Y, stride_um, stride_ym, R, HAS_LORA, HAS_BIAS,
+                             PRECISION, DOT_FP32)
+
+    @triton.jit
+    def _nf4_reduce_kernel(PARTIAL, U, LB, BIAS, Y, M, N, S, stride_um, stride_ym, R: tl.constexpr,
+                           HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                           PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+        rm = tl.program_id(1) * BM + tl.arange(0, BM)
+        rn = tl.program_id(0) * BN + tl.arange(0, BN)
+        m_ok, n_ok = rm < M, rn < N
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for s in range(S):  # in a fixed order: the result does not depend on which slice finished first
+            tile = PARTIAL + s * M * N
+            acc += tl.load(tile + rm[:, None] * N + rn[None, :], mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        _lora_bias_store(acc, rm, rn, m_ok, n_ok, U, LB, BIAS, Y, stride_um, stride_ym, R, HAS_LORA, HAS_BIAS,
+                         PRECISION, DOT_FP32)
 
 
-_SMS = 132  # enough programs to cover an H100/H200's multiprocessors a few times over
+# Enough loads in flight to cover the memory latency: a tile of 32 rows x 256 columns is 4 KB of codes per
+# iteration, and the grid aims for ~4 programs per multiprocessor of an H100/H200 (132 of them); a decode
+# batch's few output tiles are made many by splitting K (the partial sums are added in a fixed order).
+_TARGET_PROGRAMS = 4 * 132
 
 
-def _tiles(m: int, n: int) -> tuple[int, int]:
-    bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    for bn in (64, 32):
-        if triton.cdiv(n, bn) * triton.cdiv(m, bm) >= 2 * _SMS:
-            return bm, bn
-    return bm, 16
+def _plan(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
+    """(BM, BN, BK, warps, split) for an (m x k) @ (k x n) product."""
+    if m > 16:  # a prefill-sized product: enough tiles without splitting
+        return 64, 64, 128, 4, 1
+    bn, bk = 32, 256
+    tiles = triton.cdiv(n, bn)
+    split = max(1, min(triton.cdiv(_TARGET_PROGRAMS, tiles), triton.cdiv(k, bk)))
+    return 16, bn, bk, 4, split
 
 
 def nf4_matmul(x, packed, absmax, code, out_features: int, u=None, lora_b=None, bias=None, blocksize: int = 64,
-               tiles: tuple[int, int, int] | None = None):
+               plan: tuple[int, int, int, int, int] | None = None):
     """x (..., K) -> (..., out_features); see the module docstring. `lora_b` has R columns, R a power of two
-    >= 16 (pad with zeros), and u = x A^T has the same R. `tiles` = (BN, BK, warps) overrides the choice
-    (for benchmarks/bench_nf4_matmul.py)."""
+    >= 16 (pad with zeros), and u = x A^T has the same R. `plan` = (BM, BN, BK, warps, split) overrides the
+    choice of tiles (for benchmarks/bench_nf4_matmul.py)."""
     if not use_triton(x):
         return nf4_matmul_torch(x, packed, absmax, code, out_features, u, lora_b, bias, blocksize)
     shape = x.shape
@@ -121,18 +155,22 @@ def nf4_matmul(x, packed, absmax, code, out_features: int, u=None, lora_b=None, 
         r = u.shape[-1]
         if r < 16 or r & (r - 1) or lora_b.shape != (out_features, r) or not lora_b.is_contiguous():
             raise ValueError("nf4_matmul: u (M, R) and lora_b (out, R) contiguous, R a power of two >= 16")
-    bm, bn = _tiles(m, out_features)
-    bk, warps = 128, 4
-    if tiles is not None:
-        bn, bk, warps = tiles
+    bm, bn, bk, warps, split = plan or _plan(m, out_features, k)
+    k_per = triton.cdiv(triton.cdiv(k, split), bk) * bk  # each slice a whole number of BK columns
+    split = triton.cdiv(k, k_per)
+    partial = torch.empty((split, m, out_features), dtype=torch.float32, device=x.device) if split > 1 else y
     # Triton's CPU interpreter computes bf16 dots wrongly; products of bf16 values are exact in fp32, so the
     # interpreter gets fp32 operands and IEEE dots: the same result a GPU's bf16 dot accumulates in fp32
     dot_fp32 = x.dtype == torch.float32 or interpreting()
-    grid = (triton.cdiv(out_features, bn), triton.cdiv(m, bm))
-    _nf4_matmul_kernel[grid](
-        x2, packed, absmax, code, u if has_lora else x2, lora_b if has_lora else x2,
-        bias if bias is not None else x2, y, m, out_features, k, x2.stride(0), u.stride(0) if has_lora else 0,
-        y.stride(0), R=u.shape[-1] if has_lora else 16, HAS_LORA=has_lora, HAS_BIAS=bias is not None,
-        BLOCKSIZE=blocksize, BM=bm, BN=bn, BK=bk, PRECISION="ieee" if dot_fp32 else "tf32", DOT_FP32=dot_fp32,
-        num_warps=warps)
+    common = dict(R=u.shape[-1] if has_lora else 16, HAS_LORA=has_lora, HAS_BIAS=bias is not None,
+                  PRECISION="ieee" if dot_fp32 else "tf32", DOT_FP32=dot_fp32)
+    lora_args = (u if has_lora else x2, lora_b if has_lora else x2, bias if bias is not None else x2)
+    _nf4_matmul_kernel[(triton.cdiv(out_features, bn), split, triton.cdiv(m, bm))](
+        x2, packed, absmax, code, *lora_args, y, partial, m, out_features, k, k_per, x2.stride(0),
+        u.stride(0) if has_lora else 0, y.stride(0), BLOCKSIZE=blocksize, BM=bm, BN=bn, BK=bk, SPLIT=split > 1,
+        num_warps=warps, **common)
+    if split > 1:
+        _nf4_reduce_kernel[(triton.cdiv(out_features, 64), triton.cdiv(m, bm))](
+            partial, *lora_args, y, m, out_features, split, u.stride(0) if has_lora else 0, y.stride(0),
+            BM=bm, BN=64, **common)
     return y.view(*shape[:-1], out_features)

@@ -51,6 +51,23 @@ if HAVE_TRITON:
         tl.store(RSTD + rows, rstd, mask=rm)
 
     @triton.jit
+    def _add_forward(X, D, W, H, Y, n_rows, n_cols, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        # inference: the residual sum h = x + d, rounded to the dtype as `x + d` is, stored, and normalized
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK)
+        m = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+        offs = rows[:, None].to(tl.int64) * n_cols + cols[None, :]
+        x = tl.load(X + offs, mask=m, other=0.0).to(tl.float32)
+        d = tl.load(D + offs, mask=m, other=0.0).to(tl.float32)
+        h = cast_to(x + d, H.dtype.element_ty)
+        tl.store(H + offs, h, mask=m)
+        h = h.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(h * h, axis=1) / n_cols + eps)
+        x_hat = cast_to(h * rstd[:, None], H.dtype.element_ty).to(tl.float32)
+        w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
+        tl.store(Y + offs, cast_to(w[None, :] * x_hat, Y.dtype.element_ty), mask=m)
+
+    @triton.jit
     def _backward(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, n_rows, n_cols, rows_per_program,
                   ROWS: tl.constexpr, BLOCK: tl.constexpr):
         # each program walks its share of rows ROWS at a time (several loads in flight) and keeps its dW
@@ -136,3 +153,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.
     if use_triton(x):
         return _RMSNorm.apply(x, weight, eps)
     return rms_norm_torch(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6):
+    """(h, rms_norm(h)) with h = x + delta: a residual add and the next norm in one pass (inference: no
+    autograd). The decode path's pattern, twice per layer."""
+    fused = use_triton(x) and not (torch.is_grad_enabled() and (x.requires_grad or delta.requires_grad))
+    if not fused or x.shape != delta.shape or x.dtype != delta.dtype or not (x.is_contiguous() and
+                                                                            delta.is_contiguous()):
+        h = x + delta
+        return h, rms_norm(h, weight, eps)
+    n = x.shape[-1]
+    rows = x.numel() // n
+    h = torch.empty_like(x)
+    y = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    block = triton.next_power_of_2(n)
+    tile = _rows_per_tile(block)
+    _add_forward[(triton.cdiv(rows, tile),)](x, delta, weight, h, y, rows, n, eps, ROWS=tile, BLOCK=block)
+    return h, y

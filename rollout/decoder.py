@@ -9,7 +9,8 @@ It reads the policy's modules in place: projections (plain, peft LoRA-wrapped, b
 the rotary embedding and the head are called as they are, so the live adapters are always the ones
 generating; or, when the engine has made them, through working weights: merged (rollout/merged.py: one
 matmul per projection group) or, for a 4-bit base, its NF4 codes read as 4 bits (rollout/packed4.py), which
-is what a few rows per step want (the step is bound by the weights' bytes). Norms, RoPE and SwiGLU go through Tandem's kernels (Triton on CUDA).
+is what a few rows per step want (the step is bound by the weights' bytes). Norms (each fused with the
+residual add before it), RoPE, SwiGLU and decode attention go through Tandem's kernels (Triton on CUDA).
 What it replaces is HF's attention plumbing: K and V go into fixed-size per-layer buffers at a slot that is
 the same for every row (prompts are left-padded), and a boolean `valid` mask per row says which slots hold
 real tokens. Every tensor has a fixed shape for a given (rows, attended length), which is what lets the
@@ -25,7 +26,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import apply_rope, rms_norm, swiglu
+from kernels import apply_rope, rms_norm
+from kernels.rms_norm import add_rms_norm
+from kernels.decode_attention import decode_attention
+from kernels.swiglu import swiglu_concatenated
 from rl.logprobs import positions_from_mask
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
@@ -120,8 +124,7 @@ class Decoder:
         attend |= torch.eye(w, dtype=torch.bool, device=ids.device)[None]  # a pad query sees itself: no NaN rows
         cache.valid[:p, :w] = mask
         slots = torch.arange(w, device=ids.device)
-        h = self._layers(cache, self.body.embed_tokens(ids), positions, slots, attend[:, None], p, w)
-        return self.lm.lm_head(self.body.norm(h[:, -1]))
+        return self._head(*self._layers(cache, self.body.embed_tokens(ids), positions, slots, attend[:, None], p, w))
 
     def decode(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
                length: int) -> torch.Tensor:
@@ -132,9 +135,8 @@ class Decoder:
         valid = cache.valid[:b, :length]
         if self.window is not None:
             valid = valid & (torch.arange(length, device=slot.device) > slot - self.window)
-        h = self._layers(cache, self.body.embed_tokens(tokens[:, None]), positions[:, None], slot,
-                         valid[:, None, None, :], b, length)
-        return self.lm.lm_head(self.body.norm(h[:, -1]))
+        return self._head(*self._layers(cache, self.body.embed_tokens(tokens[:, None]), positions[:, None], slot,
+                                        valid[:, None, None, :], b, length))
 
     # ------------------------------------------------------------------ the layers
 
@@ -147,16 +149,24 @@ class Decoder:
         return self.merged.layers if self.merged is not None else None
 
     def _layers(self, cache, h, positions, slots, attend, rows, length):
+        """-> (h, pending): the residual stream before the last layer's MLP output `pending` is added (the
+        caller adds it together with the final norm, for the positions it needs)."""
         cos, sin = self.body.rotary_emb(h, positions)
         working = self.working_weights(h.shape[0] * h.shape[1])
+        pending = None  # the branch output not yet added to h: each add is fused with the norm after it
         for i, layer in enumerate(self.layers):
             w = working[i] if working is not None else None
-            x = _norm(layer.input_layernorm, h)
-            h = h + self._attention(layer.self_attn, w, x, cos, sin, cache.keys[i], cache.values[i], slots,
-                                    attend, rows, length)
-            x = _norm(layer.post_attention_layernorm, h)
-            h = h + (self._mlp(w, x) if w is not None else layer.mlp(x))
-        return h
+            h, x = _add_norm(layer.input_layernorm, h, pending)
+            pending = self._attention(layer.self_attn, w, x, cos, sin, cache.keys[i], cache.values[i], slots,
+                                      attend, rows, length)
+            h, x = _add_norm(layer.post_attention_layernorm, h, pending)
+            pending = self._mlp(w, x) if w is not None else layer.mlp(x)
+        return h, pending
+
+    def _head(self, h, pending):
+        """Logits of the last position."""
+        _, x = _add_norm(self.body.norm, h[:, -1].contiguous(), pending[:, -1].contiguous())
+        return self.lm.lm_head(x)
 
     def _qkv(self, attn, w, x):
         if w is None:
@@ -165,8 +175,7 @@ class Decoder:
         return qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim], -1)
 
     def _mlp(self, w, x):
-        gate, up = w.gate_up(x).chunk(2, dim=-1)
-        return w.down(swiglu(gate, up))
+        return w.down(swiglu_concatenated(w.gate_up(x)))
 
     def _attention(self, attn, w, x, cos, sin, k_cache, v_cache, slots, attend, rows, length):
         b, t, _ = x.shape
@@ -179,18 +188,29 @@ class Decoder:
         q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
         k_cache[:rows].index_copy_(2, slots, k)
         v_cache[:rows].index_copy_(2, slots, v)
-        keys, values = k_cache[:rows, :, :length], v_cache[:rows, :, :length]
         group = self.n_heads // self.n_kv
         if t == 1:
-            # the query heads that share a KV head become that head's queries: no copy of K and V
-            out = F.scaled_dot_product_attention(q.reshape(b, self.n_kv, group, self.head_dim), keys, values,
-                                                 attn_mask=attend, scale=self.scale)
+            # the query heads that share a KV head become that head's queries: no copy of K and V; the keys
+            # are split across the GPU (flash-decoding), the slot mask read as it is
+            out = decode_attention(q.reshape(b, self.n_kv, group, self.head_dim), k_cache, v_cache,
+                                   attend[:, 0, 0, :], self.scale)
         else:
+            keys, values = k_cache[:rows, :, :length], v_cache[:rows, :, :length]
             out = F.scaled_dot_product_attention(q, keys.repeat_interleave(group, 1),
                                                  values.repeat_interleave(group, 1), attn_mask=attend,
                                                  scale=self.scale)
         out = out.reshape(b, self.n_heads, t, self.head_dim).transpose(1, 2).reshape(b, t, -1)
         return attn.o_proj(out) if w is None else w.o(out)
+
+
+def _add_norm(module, h, delta):
+    """(h + delta, norm(h + delta)), fused into one kernel for HF's RMSNorm modules; delta None: (h, norm(h))."""
+    if delta is None:
+        return h, _norm(module, h)
+    if hasattr(module, "variance_epsilon") and getattr(module, "weight", None) is not None:
+        return add_rms_norm(h, delta, module.weight, module.variance_epsilon)
+    h = h + delta
+    return h, module(h)
 
 
 def _norm(module, x):

@@ -46,7 +46,8 @@ class NF4Projection:
         self.rank = max(16, 1 << max(0, rank - 1).bit_length()) if rank else 0
         in_features = states[0].shape[1]
         self.lora_a = torch.zeros((self.rank, in_features), dtype=dtype, device=self.code.device) if rank else None
-        self.lora_b = torch.zeros((self.out_features, self.rank), dtype=dtype, device=self.code.device) if rank else None
+        self.lora_b = (torch.zeros((self.out_features, self.rank), dtype=dtype, device=self.code.device)
+                       if rank else None)
         self.refresh()
 
     def refresh(self) -> None:

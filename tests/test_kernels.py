@@ -12,9 +12,9 @@ import torch
 
 from kernels.lora import nf4_lora_linear, nf4_lora_linear_torch
 from kernels.nf4 import dequantize_nf4, dequantize_nf4_torch
-from kernels.rms_norm import rms_norm, rms_norm_torch
+from kernels.rms_norm import add_rms_norm, rms_norm, rms_norm_torch
 from kernels.rope import apply_rope, apply_rope_torch
-from kernels.swiglu import swiglu, swiglu_torch
+from kernels.swiglu import swiglu, swiglu_concatenated, swiglu_torch
 from kernels.logprobs import selective_logprobs, selective_logprobs_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -83,6 +83,28 @@ def test_swiglu(triton_backend, shape, dtype):
     g = torch.Generator().manual_seed(len(shape))
     gate, up = (torch.randn(shape, generator=g) * 3).to(dtype), torch.randn(shape, generator=g).to(dtype)
     compare(swiglu, swiglu_torch, (gate, up), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1, 96), (17, 896)])
+def test_add_rms_norm(triton_backend, shape, dtype):
+    """The decode path's residual add fused with the next norm: h equals x + delta to the bit (rounded once to
+    the dtype, as `x + delta` is) and the norm is rms_norm's of that h."""
+    g = torch.Generator().manual_seed(shape[-1])
+    x, delta = (torch.randn(shape, generator=g).to(dtype).to(DEVICE) for _ in range(2))
+    weight = (1 + torch.randn(shape[-1], generator=g) / 4).to(dtype).to(DEVICE)
+    h, y = add_rms_norm(x, delta, weight, 1e-6)
+    assert torch.equal(h, x + delta)
+    torch.testing.assert_close(y, rms_norm_torch(x + delta, weight, 1e-6), **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 2), (3, 1, 26), (7, 4864)])
+def test_swiglu_concatenated(triton_backend, shape, dtype):
+    """The decode path's variant reads [gate | up] as one tensor (no copies of the halves)."""
+    gate_up = torch.randn(shape, generator=torch.Generator().manual_seed(shape[-1])).to(dtype).to(DEVICE)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(swiglu_concatenated(gate_up), swiglu_torch(gate, up), **TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

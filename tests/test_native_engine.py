@@ -161,7 +161,8 @@ def test_merged_weights_follow_the_live_adapters():
 
 
 def test_decoding_through_the_triton_kernels_equals_hf_generate(monkeypatch):
-    """RMSNorm, RoPE and SwiGLU of the decode path as Triton kernels (the interpreter on CPU)."""
+    """The decode path's Triton kernels (the interpreter on CPU): residual add + RMSNorm, RoPE, SwiGLU over the
+    concatenated gate/up output, split-K decode attention."""
     monkeypatch.setenv("TANDEM_KERNELS", "triton")
     policy = tiny_policy("tiny-qwen3")
     engine = NativeEngine(policy.model, policy.tokenizer, merge_lora=True)
@@ -181,7 +182,8 @@ def test_decoding_the_4bit_codes_through_the_nf4_kernel_equals_hf_generate(monke
     engine = NativeEngine(model, policy.tokenizer, read_4bit=True)
     params = SamplingParams(max_tokens=10, temperature=0, stop_token_ids=[])
     ours = [g[0].token_ids for g in engine.generate(PROMPTS, params)]
-    assert engine.decoder.packed is not None and engine.decoder.working_weights(len(PROMPTS)) is engine.decoder.packed.layers
+    packed = engine.decoder.packed
+    assert packed is not None and engine.decoder.working_weights(len(PROMPTS)) is packed.layers
     with model.disable_adapter():
         disabled = [g[0].token_ids for g in engine.generate(PROMPTS, params)]
     with torch.no_grad():
