@@ -63,7 +63,7 @@ if HAVE_TRITON:
         tl.store(Y + rm[:, None] * stride_ym + rn[None, :], cast_to(acc, Y.dtype.element_ty),
                  mask=m_ok[:, None] & n_ok[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])  # the batch (1..16 at decode): one compiled variant for all
     def _nf4_matmul_kernel(X, PACKED, ABSMAX, CODE, U, LB, BIAS, Y, PARTIAL, M, N, K, K_PER, stride_xm,
                            stride_um, stride_ym, R: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr,
                            BLOCKSIZE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -103,7 +103,7 @@ if HAVE_TRITON:
             _lora_bias_store(acc, rm, rn, m_ok, n_ok, U, LB, BIAS, Y, stride_um, stride_ym, R, HAS_LORA, HAS_BIAS,
                              PRECISION, DOT_FP32)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["M"])
     def _nf4_reduce_kernel(PARTIAL, U, LB, BIAS, Y, M, N, S, stride_um, stride_ym, R: tl.constexpr,
                            HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                            PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):

@@ -33,7 +33,9 @@ if HAVE_TRITON:
 
     from kernels.triton_cast import cast_to
 
-    @triton.jit
+    # the row count changes with every batch's length: left unspecialized, or Triton compiles a new variant
+    # (about a second, mid-run) whenever its divisibility by 16 changes; it only bounds masks
+    @triton.jit(do_not_specialize=["n_rows"])
     def _forward(X, W, Y, RSTD, stride_x, stride_y, n_rows, n_cols, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         # ROWS rows per program, so that short rows (896 columns) still give each program a few KB to move
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -50,7 +52,7 @@ if HAVE_TRITON:
         tl.store(Y + rows[:, None].to(tl.int64) * stride_y + cols[None, :], y, mask=m)
         tl.store(RSTD + rows, rstd, mask=rm)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_rows"])
     def _add_forward(X, D, W, H, Y, n_rows, n_cols, eps, ROWS: tl.constexpr, BLOCK: tl.constexpr):
         # inference: the residual sum h = x + d, rounded to the dtype as `x + d` is, stored, and normalized
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -67,7 +69,7 @@ if HAVE_TRITON:
         w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(tl.float32)
         tl.store(Y + offs, cast_to(w[None, :] * x_hat, Y.dtype.element_ty), mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_rows", "rows_per_program"])
     def _backward(DY, X, W, RSTD, DX, DW_PART, stride_dy, stride_x, stride_dx, n_rows, n_cols, rows_per_program,
                   ROWS: tl.constexpr, BLOCK: tl.constexpr):
         # each program walks its share of rows ROWS at a time (several loads in flight) and keeps its dW

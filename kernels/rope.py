@@ -57,7 +57,7 @@ if HAVE_TRITON:
         tl.store(y_ptr, cast_to(o1, Y.dtype.element_ty), mask=m)
         tl.store(y_ptr + HALF, cast_to(o2, Y.dtype.element_ty), mask=m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["seq_len"])  # varies by batch: one compiled variant for every length
     def _rotate(Q, K, QO, KO, COS, SIN, q_sb, q_sh, q_st, k_sb, k_sh, k_st, qo_sb, qo_sh, qo_st, ko_sb, ko_sh, ko_st,
                 c_sb, c_st, n_q, n_k, seq_len,
                 HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,

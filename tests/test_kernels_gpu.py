@@ -79,3 +79,33 @@ def test_grpo_step_with_kernels_on_and_off_agrees(dtype, loss_tol, grad_tol):
     print(f"\n{dtype}: loss unpatched {ref_loss:.7f}, patched {loss:.7f}; LoRA gradients relative L2 error {err:.2e}")
     assert abs(loss - ref_loss) <= loss_tol * abs(ref_loss)
     assert err <= grad_tol
+
+
+def test_a_new_sequence_length_does_not_recompile_the_training_kernels():
+    """Row counts and sequence lengths change with every batch; Triton specializes integer arguments on their
+    divisibility by 16 unless told not to, which compiled new variants (about 2 s) in the middle of runs.
+    After a first length, lengths of other residues mod 16 (and 1) compile nothing new."""
+    from kernels.rms_norm import _backward, _forward, rms_norm
+    from kernels.rope import _rotate, apply_rope
+
+    def variants(kernel) -> int:
+        caches = getattr(kernel, "device_caches", None)
+        if caches is None:
+            pytest.skip("this Triton keeps its compiled variants elsewhere")
+        return sum(len(entry[0]) for entry in caches.values())
+
+    weight = torch.ones(896, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def run(t):
+        x = torch.randn(8, t, 896, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        rms_norm(x, weight, 1e-6).sum().backward()
+        q = torch.randn(8, 14, t, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        k = torch.randn(8, 2, t, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        cos, sin = torch.randn(1, t, 64, device="cuda"), torch.randn(1, t, 64, device="cuda")
+        sum(o.float().sum() for o in apply_rope(q, k, cos, sin)).backward()
+
+    run(37)
+    before = [variants(k) for k in (_forward, _backward, _rotate)]
+    for t in (48, 50, 63, 64, 1):
+        run(t)
+    assert [variants(k) for k in (_forward, _backward, _rotate)] == before
