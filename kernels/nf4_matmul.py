@@ -7,12 +7,14 @@
 
 At decode a batch of a few rows multiplies every weight once: the step is bound by the bytes of the
 weights, and dequantizing to a dense copy first moves nine times the bytes (read 0.5, write 2, read 2 per
-element, against 0.5). This kernel reads the codes and scales and dequantizes in registers, tile by tile, straight into
-tensor-core dots (`tl.dot` wants 16 rows or more: a smaller batch is masked up to 16 rows, which costs
-arithmetic that the memory-bound step has to spare). Each element is dequantized as bitsandbytes does it,
-code * absmax in fp32 then cast, so the product is the one of `dequantize_4bit(W) @ x` up to summation order.
-The low-rank path is one more small dot per output tile, so a LoRA projection is two launches (u = x A^T,
-then this) instead of five.
+element, against 0.5). This kernel reads the codes and scales and dequantizes in registers, tile by tile,
+straight into tensor-core dots (`tl.dot` wants 16 rows or more: a smaller batch is masked up to 16 rows,
+which costs arithmetic that the memory-bound step has to spare). Each element is dequantized as
+bitsandbytes does it, code * absmax in fp32 then cast, so the product is the one of `dequantize_4bit(W) @ x`
+up to summation order. A decode batch has few output tiles, so K is split across programs to keep enough
+loads in flight (partial sums added by a second kernel, in a fixed order: deterministic). The low-rank path
+is one more small dot per output tile in the last kernel, so a LoRA projection is two or three launches
+(u = x A^T, this) instead of five.
 
 Inference only (no autograd): training goes through kernels/lora.py.
 """

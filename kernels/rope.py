@@ -77,6 +77,27 @@ if HAVE_TRITON:
         _rotate_heads(K + b * k_sb + t * k_st, KO + b * ko_sb + t * ko_st, k_sh, ko_sh, n_k, c, s, d,
                       HALF, BLOCK_HK, BACKWARD)
 
+    @triton.jit
+    def _rotate_and_store(Q, K, V, QO, K_CACHE, V_CACHE, COS, SIN, SLOT, q_sb, q_sh, k_sb, k_sh, v_sb, v_sh,
+                          qo_sb, qo_sh, kc_sb, kc_sh, kc_sl, vc_sb, vc_sh, vc_sl, c_sb, n_q, n_k,
+                          HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,
+                          BLOCK_D: tl.constexpr):
+        # decode: one program per row; Q rotated to QO, K rotated and V copied into the caches at the slot
+        b = tl.program_id(0)
+        slot = tl.load(SLOT)
+        d = tl.arange(0, BLOCK_D)
+        dm = d < HALF
+        c = tl.load(COS + b * c_sb + d, mask=dm, other=0.0).to(tl.float32)
+        s = tl.load(SIN + b * c_sb + d, mask=dm, other=0.0).to(tl.float32)
+        _rotate_heads(Q + b * q_sb, QO + b * qo_sb, q_sh, qo_sh, n_q, c, s, d, HALF, BLOCK_HQ, False)
+        _rotate_heads(K + b * k_sb, K_CACHE + b * kc_sb + slot * kc_sl, k_sh, kc_sh, n_k, c, s, d, HALF,
+                      BLOCK_HK, False)
+        h = tl.arange(0, BLOCK_HK)
+        full = tl.arange(0, 2 * BLOCK_D)
+        m = (h < n_k)[:, None] & (full < 2 * HALF)[None, :]
+        v = tl.load(V + b * v_sb + h[:, None] * v_sh + full[None, :], mask=m)
+        tl.store(V_CACHE + b * vc_sb + slot * vc_sl + h[:, None] * vc_sh + full[None, :], v, mask=m)
+
     def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool):
         q = q if q.stride(-1) == 1 else q.contiguous()
         k = k if k.stride(-1) == 1 else k.contiguous()
@@ -101,6 +122,36 @@ class _Rope(torch.autograd.Function):
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
         return (*_launch(dq, dk, cos, sin, True), None, None)
+
+
+def rope_and_store_kv_torch(q, k, v, cos, sin, k_cache, v_cache, slot):
+    q, k = apply_rope_torch(q, k, cos, sin)
+    rows = q.shape[0]
+    k_cache[:rows].index_copy_(2, slot, k.to(k_cache.dtype))
+    v_cache[:rows].index_copy_(2, slot, v.to(v_cache.dtype))
+    return q
+
+
+def rope_and_store_kv(q, k, v, cos, sin, k_cache, v_cache, slot: torch.Tensor) -> torch.Tensor:
+    """A decode step's RoPE and cache write in one launch (inference: no autograd).
+
+    q (B, Hq, 1, D), k and v (B, Hk, 1, D), cos/sin (B or 1, 1, D); k_cache/v_cache (>= B, Hk, L, D); slot: a
+    one-element device tensor (read in the kernel, so a captured CUDA graph replays at any slot). Returns the
+    rotated q; K rotated and V are written at `slot` of rows 0..B-1."""
+    d = q.shape[-1]
+    ok = (use_triton(q) and d % 2 == 0 and q.shape[2] == 1 and not torch.is_grad_enabled()
+          and all(t.stride(-1) == 1 for t in (q, k, v, cos, sin, k_cache, v_cache)))
+    if not ok:
+        return rope_and_store_kv_torch(q, k, v, cos, sin, k_cache, v_cache, slot)
+    (b, hq, _, _), hk = q.shape, k.shape[1]
+    qo = torch.empty_like(q)
+    half_block = triton.next_power_of_2(d // 2)
+    _rotate_and_store[(b,)](q, k, v, qo, k_cache, v_cache, cos, sin, slot, q.stride(0), q.stride(1), k.stride(0),
+                            k.stride(1), v.stride(0), v.stride(1), qo.stride(0), qo.stride(1),
+                            *k_cache.stride()[:3], *v_cache.stride()[:3], 0 if cos.shape[0] == 1 else cos.stride(0),
+                            hq, hk, HALF=d // 2, BLOCK_HQ=triton.next_power_of_2(hq),
+                            BLOCK_HK=triton.next_power_of_2(hk), BLOCK_D=half_block)
+    return qo
 
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

@@ -1,5 +1,5 @@
 """4-bit working weights for decoding a QLoRA policy: its NF4 codes read as 4 bits by kernels/nf4_matmul.py,
-with the live LoRA path fused into the same launch.
+with the live LoRA path's second matmul fused into it.
 
     packed = PackedNF4Weights.build(decoder)   # None unless every projection is bitsandbytes NF4 on the GPU
     packed.refresh()                           # before each rollout: copies the live adapters in place
@@ -11,8 +11,8 @@ Per layer and projection group (q/k/v, o, gate/up, down) it keeps:
     packed tensor, so the extra memory is q/k/v and gate/up's codes again plus 1/16 byte of scale per weight;
   - A of every member (and active adapter) stacked, and B as a block-diagonal matrix with the LoRA scale
     folded in, R columns padded to a power of two >= 16. u = x A^T is one small matmul for the group.
-So a decode step reads about 0.56 bytes per weight instead of the 2 of merged bf16 weights, in two launches
-per projection group.
+So a decode step reads about 0.56 bytes per weight instead of the 2 of merged bf16 weights, in two or three
+launches per projection group (u = x A^T; the matmul with B fused; the sum of K slices when K is split).
 """
 
 from __future__ import annotations

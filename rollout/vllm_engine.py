@@ -16,8 +16,10 @@
 - Sampling logprobs are vLLM's processed logprobs (after temperature / top-k / top-p), as the native
   engine returns, for the importance-sampling correction.
 - On CUDA, vLLM pauses between rollouts and releases its KV cache's memory (weights stay: they are the
-  policy's). Not yet: sharing a 4-bit base (vLLM's bitsandbytes weights backing the policy's 4-bit
-  layers): 4-bit policies are refused.
+  policy's).
+- A 4-bit (QLoRA) policy cannot share with vLLM 0.32: that release has no bitsandbytes quantization method
+  (none of its QUANTIZATION_METHODS reads NF4), so it could only hold a second, 16-bit copy. Such policies
+  are refused; `rollout.engine: auto` gives them the native engine, which reads the policy's 4-bit layers.
 
 Only vLLM versions in TESTED_VERSIONS are used; `rollout.engine: auto` falls back to the native engine with
 the reason logged, `vllm` refuses an untested version before anything is loaded.
@@ -103,9 +105,10 @@ class VLLMEngine:
             raise RuntimeError(f"the vLLM engine shares weights with {', '.join(FAMILIES)} models; "
                                f"this one is {arch}: use rollout.engine native")
         if any(getattr(p, "quant_state", None) is not None for p in self.lm.parameters()):
-            raise RuntimeError("sharing a 4-bit base with vLLM is not implemented yet (vLLM would hold a second, "
-                               "16-bit copy); load the model in bf16 (model.load_in_4bit false) or use "
-                               "rollout.engine native")
+            raise RuntimeError(f"the policy's base is 4-bit, and vLLM {installed_version()} has no bitsandbytes (NF4) "
+                               "support to share it (it would hold a second, 16-bit copy); use rollout.engine "
+                               "native (it reads the 4-bit layers), or model.load_in_4bit false to share a "
+                               "16-bit base with vLLM")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # vLLM in this process: one copy of the weights
         threads = torch.get_num_threads()
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # else vLLM drops the trainer to one thread

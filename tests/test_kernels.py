@@ -13,7 +13,7 @@ import torch
 from kernels.lora import nf4_lora_linear, nf4_lora_linear_torch
 from kernels.nf4 import dequantize_nf4, dequantize_nf4_torch
 from kernels.rms_norm import add_rms_norm, rms_norm, rms_norm_torch
-from kernels.rope import apply_rope, apply_rope_torch
+from kernels.rope import apply_rope, apply_rope_torch, rope_and_store_kv, rope_and_store_kv_torch
 from kernels.swiglu import swiglu, swiglu_concatenated, swiglu_torch
 from kernels.logprobs import selective_logprobs, selective_logprobs_torch
 
@@ -83,6 +83,37 @@ def test_swiglu(triton_backend, shape, dtype):
     g = torch.Generator().manual_seed(len(shape))
     gate, up = (torch.randn(shape, generator=g) * 3).to(dtype), torch.randn(shape, generator=g).to(dtype)
     compare(swiglu, swiglu_torch, (gate, up), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b,hq,hk,d,cos_batch", [(1, 2, 1, 64, False), (3, 14, 2, 64, True), (2, 7, 7, 80, True)])
+def test_rope_and_store_kv(triton_backend, b, hq, hk, d, cos_batch, dtype):
+    """The decode step's RoPE with the cache write: q rotated as apply_rope rotates it, K rotated and V copied
+    into the caches at the slot (read from the device), every other slot untouched."""
+    g = torch.Generator().manual_seed(b * d)
+    qkv = torch.randn(b, 1, (hq + 2 * hk) * d, generator=g).to(dtype).to(DEVICE)  # views of one matmul output
+    q, k, v = qkv.split([hq * d, hk * d, hk * d], -1)
+    q, k = q.view(b, 1, hq, d).transpose(1, 2), k.view(b, 1, hk, d).transpose(1, 2)
+    v = v.view(b, 1, hk, d).transpose(1, 2)
+    angles = torch.randn(b if cos_batch else 1, 1, d // 2, generator=g).repeat(1, 1, 2).to(DEVICE)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)  # HF's rotary module returns the model's dtype
+    caches = [torch.randn(b + 2, hk, 11, d, generator=g).to(dtype).to(DEVICE) for _ in range(2)]
+    twin_caches = [c.clone() for c in caches]
+    ref_q, ref_k = apply_rope_torch(q.float(), k.float(), cos, sin)  # fp32 reference
+    ref_caches = [c.float() for c in caches]
+    ref_caches[0][:b, :, 7], ref_caches[1][:b, :, 7] = ref_k[:, :, 0], v[:, :, 0].float()
+    slot = torch.tensor([7], device=DEVICE)
+    with torch.no_grad():
+        ours = rope_and_store_kv(q, k, v, cos, sin, *caches, slot)
+        twin = rope_and_store_kv_torch(q, k, v, cos, sin, *twin_caches, slot)
+    for out, kv in ((ours, caches), (twin, twin_caches)):
+        torch.testing.assert_close(out.float(), ref_q, **TOL[dtype])
+        for c, r in zip(kv, ref_caches):
+            torch.testing.assert_close(c.float(), r, **TOL[dtype])
+    keep = torch.arange(11, device=DEVICE) != 7
+    for c, before in zip(caches, twin_caches):  # every other slot untouched
+        assert torch.equal(c[:, :, keep], before[:, :, keep])
+    assert torch.equal(caches[1][:b, :, 7], v[:, :, 0])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

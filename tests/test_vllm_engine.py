@@ -148,3 +148,19 @@ def test_grpo_run_with_the_vllm_engine(tmp_path):
     for key in ("timing/lora_sync", "sampling/importance_sampling_ratio/mean",
                 "sampling/sampling_logp_difference/mean"):
         assert all(key in r for r in rows), key
+
+
+def test_a_4bit_policy_is_refused_by_vllm_and_auto_chooses_native(tmp_path, caplog):
+    """vLLM 0.32 has no bitsandbytes quantization: it cannot hold a 4-bit base for the policy to share. `vllm`
+    says so (before loading anything) and how to proceed; `auto` gives the policy the native engine."""
+    from rl.errors import ConfigError
+    from rollout.select import make_engine
+    from tests.helpers import tiny_policy
+
+    policy = tiny_policy("tiny", load_in_4bit=True)
+    with pytest.raises(ConfigError, match="bitsandbytes.*rollout.engine native.*load_in_4bit false"):
+        make_engine("vllm", policy.model, policy.tokenizer, model_dir=str(tmp_path))
+    with caplog.at_level("INFO", logger="tandem"):
+        engine = make_engine("auto", policy.model, policy.tokenizer, model_dir=str(tmp_path))
+    assert isinstance(engine, NativeEngine)
+    assert any("rollout engine: native" in r.getMessage() and "4-bit" in r.getMessage() for r in caplog.records)
