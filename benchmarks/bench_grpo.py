@@ -4,6 +4,8 @@
         [--steps 4] [--completions 8] [--tokens 256] [--json out.json]
     python benchmarks/bench_grpo.py --smoke      # tiny model, CPU, no 4-bit: checks that every path runs
 
+`tandem-4bit` is Tandem with rollout.native_decode_4bit (decode batches read the NF4 codes).
+
 Each (shape, implementation) runs in a fresh process (Unsloth patches TRL when imported, and peak memory
 must be each one's own). The setting is the one the peers were measured in: random-init Qwen2.5 shapes
 (vocabulary cut to the SmolLM2 tokenizer's 49,152), saved once in bf16 and loaded 4-bit (NF4, double
@@ -61,7 +63,8 @@ def run_tandem(path: str, a) -> list[float]:
                  "--grpo.loss_type", "dapo", "--grpo.beta", "0", "--train.micro_batch_size", str(a.completions),
                  "--train.max_steps", str(a.steps), "--train.output_dir", f"/tmp/bench-grpo-tandem-{os.getpid()}",
                  "--train.save_every", "0", "--tracking.progress", "false",
-                 "--rewards.functions", f"{ROOT / 'benchmarks' / 'bench_grpo.py'}:token_reward"]
+                 "--rewards.functions", f"{ROOT / 'benchmarks' / 'bench_grpo.py'}:token_reward",
+                 "--rollout.native_decode_4bit", str(a.impl == "tandem-4bit").lower()]
     cfg = load_config(str(ROOT / "examples" / "arithmetic.yaml"), overrides)
     trainer = GRPOTrainer(cfg)
     times = []
@@ -150,7 +153,7 @@ def _tokenizer():
 
 def child(a) -> int:
     path = model_dir(a.shape)
-    run = {"tandem": run_tandem, "trl": run_trl, "unsloth": run_unsloth}[a.impl]
+    run = {"tandem": run_tandem, "tandem-4bit": run_tandem, "trl": run_trl, "unsloth": run_unsloth}[a.impl]
     times = run(path, a)
     timed = times[1:] or times
     print(json.dumps(dict(shape=a.shape, impl=a.impl, steps=len(times), s_per_step=statistics.median(timed),

@@ -107,7 +107,8 @@ class GRPOTrainer(TrainerBase):
                            max_model_len=cfg.rollout.max_prompt_tokens + cfg.rollout.max_tokens,
                            kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
                            gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
-                           share_weights=cfg.rollout.vllm_share_weights, seed=cfg.train.seed)
+                           share_weights=cfg.rollout.vllm_share_weights, seed=cfg.train.seed,
+                           decode_4bit=cfg.rollout.native_decode_4bit)
 
     def rollout(self, rows: list[int], step: int) -> dict:
         g, rc = self.cfg.grpo.num_generations, self.cfg.rollout

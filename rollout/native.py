@@ -101,11 +101,11 @@ class NativeEngine:
     def _drop_state(self) -> None:
         self.state, self._graphs, self._pool = None, {}, None
 
-    def _prepare_weights(self) -> None:
+    def _prepare_weights(self, rows: int) -> None:
         """Working weights for decoding unless merge_lora is False (then the policy's modules): with read_4bit,
-        a 4-bit base's codes with the adapters fused (used for small batches), and merged weights when
-        they fit in half the free memory (larger batches); both refreshed from the live adapters before every
-        rollout."""
+        a 4-bit base's codes with the adapters fused (for batches of up to 16 rows), and merged weights when
+        they fit in half the free memory, made only once a larger batch needs them; both refreshed from the
+        live adapters before every rollout."""
         dec = self.decoder
         if self.merge_lora is False:
             return
@@ -116,7 +116,7 @@ class NativeEngine:
             self._packed_ok = dec.packed is not None
         if dec.merged is not None:
             dec.merged.refresh()
-        elif self._merged_ok:
+        elif self._merged_ok and (dec.packed is None or rows > dec.PACKED_MAX_TOKENS):
             dec.merged = self._build_merged()
             self._merged_ok = dec.merged is not None
 
@@ -158,7 +158,7 @@ class NativeEngine:
         ids, mask = self._left_padded(prompts)
         width, rows = ids.shape[1], len(prompts) * n
         batch = _bucket(rows)
-        self._prepare_weights()
+        self._prepare_weights(batch)
         st = self._state_for(batch, max(width + params.max_tokens, self.max_length or 0), dec.vocab_size)
         cache = st.cache
         logits = dec.prefill(cache, ids, mask)

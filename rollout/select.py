@@ -13,7 +13,7 @@ log = logging.getLogger("tandem")
 
 def make_engine(kind: str, model, tokenizer, *, model_dir=None, lora_rank: int = 16, max_model_len: int = 2048,
                 kv_cache_gb: float = 1.0, gpu_memory_utilization: float = 0.3, share_weights: bool = True,
-                seed: int = 0):
+                seed: int = 0, decode_4bit: bool = False):
     """The engine for `kind`. vLLM needs the model's directory (it loads the weights itself, then the policy
     shares them) and is used only at a version the tests cover."""
     if kind in ("auto", "vllm"):
@@ -37,4 +37,4 @@ def make_engine(kind: str, model, tokenizer, *, model_dir=None, lora_rank: int =
                               f"{', '.join(TESTED_VERSIONS)} (pip install 'tandem-rl[vllm]'); or use "
                               "rollout.engine native")
         log.info("rollout engine: native (%s)", reason)
-    return NativeEngine(model, tokenizer, max_length=max_model_len)
+    return NativeEngine(model, tokenizer, max_length=max_model_len, read_4bit=decode_4bit)

@@ -174,8 +174,8 @@ def test_decoding_through_the_triton_kernels_equals_hf_generate(monkeypatch):
 
 def test_decoding_the_4bit_codes_through_the_nf4_kernel_equals_hf_generate(monkeypatch):
     """A QLoRA policy's decode steps read its NF4 codes with the adapters fused (kernels/nf4_matmul.py, the
-    interpreter on CPU); prefill goes through merged weights. Greedy output equals HF generate, follows an
-    in-place update of the adapters, and changes with them disabled."""
+    interpreter on CPU), and so does the prefill when no batch needed merged weights. Greedy output equals HF
+    generate, follows an in-place update of the adapters, and changes with them disabled."""
     monkeypatch.setenv("TANDEM_KERNELS", "triton")
     policy = tiny_policy("tiny-qwen2", load_in_4bit=True)  # q/k/v biases
     model = policy.model
@@ -184,6 +184,7 @@ def test_decoding_the_4bit_codes_through_the_nf4_kernel_equals_hf_generate(monke
     ours = [g[0].token_ids for g in engine.generate(PROMPTS, params)]
     packed = engine.decoder.packed
     assert packed is not None and engine.decoder.working_weights(len(PROMPTS)) is packed.layers
+    assert engine.decoder.merged is None  # 3 rows: no merged copy made; the prefill read the codes too
     with model.disable_adapter():
         disabled = [g[0].token_ids for g in engine.generate(PROMPTS, params)]
     with torch.no_grad():
