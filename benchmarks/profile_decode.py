@@ -8,6 +8,11 @@ profiles 16 more decode steps and prints the kernels by GPU time per step, with 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.` imports from a checkout
+
 import argparse
 
 from torch.profiler import ProfilerActivity, profile

@@ -91,8 +91,9 @@ def _offset(quant_state) -> torch.Tensor:
     return offset.to(device=quant_state.absmax.device, dtype=torch.float32).reshape(1)
 
 
-def dequantize_nf4(packed: torch.Tensor, quant_state) -> torch.Tensor:
-    """Packed uint8 weight + bitsandbytes QuantState -> dense weight of quant_state.shape and .dtype."""
+def dequantize_nf4(packed: torch.Tensor, quant_state, elements: int = _ELEMENTS, num_warps: int = 4) -> torch.Tensor:
+    """Packed uint8 weight + bitsandbytes QuantState -> dense weight of quant_state.shape and .dtype.
+    `elements` per program and `num_warps`: the launch shape (benchmarks/sweep_launch.py varies them)."""
     if quant_state.quant_type != "nf4":
         raise ValueError(f"dequantize_nf4 handles quant_type nf4, got {quant_state.quant_type}")
     if not use_triton(packed):
@@ -103,10 +104,10 @@ def dequantize_nf4(packed: torch.Tensor, quant_state) -> torch.Tensor:
     nested = bool(quant_state.nested)
     s2 = quant_state.state2 if nested else None
     absmax, code = quant_state.absmax, quant_state.code
-    blocks = max(1, _ELEMENTS // quant_state.blocksize)
+    blocks = max(1, elements // quant_state.blocksize)
     _dequant_kernel[(triton.cdiv(n, blocks * quant_state.blocksize),)](
         packed.reshape(-1).view(torch.uint8), absmax, code, s2.absmax if nested else absmax,
         s2.code if nested else code, _offset(quant_state) if nested else absmax, out, n,
         BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=s2.blocksize if nested else 1, NESTED=nested, BLOCKS=blocks,
-        enable_fp_fusion=False)
+        enable_fp_fusion=False, num_warps=num_warps)
     return out

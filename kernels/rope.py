@@ -98,7 +98,8 @@ if HAVE_TRITON:
         v = tl.load(V + b * v_sb + h[:, None] * v_sh + full[None, :], mask=m)
         tl.store(V_CACHE + b * vc_sb + slot * vc_sl + h[:, None] * vc_sh + full[None, :], v, mask=m)
 
-    def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool):
+    def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool,
+                num_warps: int = 4):
         q = q if q.stride(-1) == 1 else q.contiguous()
         k = k if k.stride(-1) == 1 else k.contiguous()
         (b, hq, t, d), hk = q.shape, k.shape[1]
@@ -107,7 +108,7 @@ if HAVE_TRITON:
         _rotate[(b * t,)](q, k, qo, ko, cos, sin, *(x.stride(i) for x in (q, k, qo, ko) for i in (0, 1, 2)),
                           c_sb, cos.stride(1), hq, hk, t, HALF=d // 2, BLOCK_HQ=triton.next_power_of_2(hq),
                           BLOCK_HK=triton.next_power_of_2(hk), BLOCK_D=triton.next_power_of_2(d // 2),
-                          BACKWARD=backward)
+                          BACKWARD=backward, num_warps=num_warps)
         return qo, ko
 
 
