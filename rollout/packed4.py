@@ -6,9 +6,9 @@ with the live LoRA path's second matmul fused into it.
 
 Per layer and projection group (q/k/v, o, gate/up, down) it keeps:
   - the group's codes concatenated along the output dimension (bitsandbytes flattens each (out, in) weight
-    row-major into blocks of 64 within a row, so concatenating the packed bytes is concatenating the rows),
-    and the scales with double quantization undone once, in fp32; single-weight groups use the policy's own
-    packed tensor, so the extra memory is q/k/v and gate/up's codes again plus 1/16 byte of scale per weight;
+    row-major into blocks of 64 within a row, so concatenating the packed bytes is concatenating the rows);
+    the policy's weights then become views of that buffer, so the codes still exist once; and the scales with
+    double quantization undone once, in fp32 (1/16 byte per weight more than the nested uint8 scales);
   - A of every member (and active adapter) stacked, and B as a block-diagonal matrix with the LoRA scale
     folded in, R columns padded to a power of two >= 16. u = x A^T is one small matmul for the group.
 So a decode step reads about 0.56 bytes per weight instead of the 2 of merged bf16 weights, in two or three
@@ -35,8 +35,7 @@ class NF4Projection:
         self.out_features = sum(s.shape[0] for s in states)
         self.blocksize = states[0].blocksize
         self.code = states[0].code.float()
-        weights = [_base(m).weight.reshape(-1) for m in group]
-        self.packed = weights[0] if len(group) == 1 else torch.cat(weights)
+        self.packed = _concatenate_in_place([_base(m).weight for m in group])
         self.absmax = torch.cat([absmax_fp32(s) for s in states])
         biases = [_base(m).bias for m in group]
         self.bias = None if all(b is None for b in biases) else torch.cat(
@@ -74,6 +73,20 @@ class NF4Projection:
         u = F.linear(x, self.lora_a) if self.lora_a is not None else None
         return nf4_matmul(x, self.packed, self.absmax, self.code, self.out_features, u, self.lora_b, self.bias,
                           self.blocksize)
+
+
+def _concatenate_in_place(weights) -> torch.Tensor:
+    """One flat buffer of the group's packed codes, which then also backs each policy weight (its data becomes
+    a view of its rows), so the codes exist once. A group of one is its own weight's storage."""
+    if len(weights) == 1:
+        return weights[0].data.reshape(-1)
+    flat = torch.cat([w.data.reshape(-1) for w in weights])
+    start = 0
+    for w in weights:
+        n = w.data.numel()
+        w.data = flat[start:start + n].view(w.data.shape)  # the Parameter and its quant_state stay the same
+        start += n
+    return flat
 
 
 def _adapters(linear) -> list[str]:

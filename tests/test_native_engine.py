@@ -185,6 +185,10 @@ def test_decoding_the_4bit_codes_through_the_nf4_kernel_equals_hf_generate(monke
     packed = engine.decoder.packed
     assert packed is not None and engine.decoder.working_weights(len(PROMPTS)) is packed.layers
     assert engine.decoder.merged is None  # 3 rows: no merged copy made; the prefill read the codes too
+    attn = engine.decoder.layers[0].self_attn
+    qkv = packed.layers[0].qkv.packed  # the policy's q/k/v codes are views of the one concatenated buffer
+    assert all(p.base_layer.weight.data.untyped_storage().data_ptr() == qkv.untyped_storage().data_ptr()
+               for p in (attn.q_proj, attn.k_proj, attn.v_proj))
     with model.disable_adapter():
         disabled = [g[0].token_ids for g in engine.generate(PROMPTS, params)]
     with torch.no_grad():
