@@ -89,10 +89,10 @@ def test_a_new_sequence_length_does_not_recompile_the_training_kernels():
     from kernels.rope import _rotate, apply_rope
 
     def variants(kernel) -> int:
-        caches = getattr(kernel, "device_caches", None)
-        if caches is None:
+        entries = list(getattr(kernel, "device_caches", {}).values())
+        if not entries or not all(isinstance(e, tuple) and isinstance(e[0], dict) for e in entries):
             pytest.skip("this Triton keeps its compiled variants elsewhere")
-        return sum(len(entry[0]) for entry in caches.values())
+        return sum(len(entry[0]) for entry in entries)
 
     weight = torch.ones(896, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 
