@@ -19,8 +19,8 @@
   policy's).
 - A 4-bit (QLoRA) policy cannot share with vLLM 0.32: that release has no bitsandbytes quantization method
   (none of its QUANTIZATION_METHODS reads NF4; vLLM's RFC #39583 deprecated bitsandbytes support), so it
-  could only hold a second, 16-bit copy. Such policies
-  are refused; `rollout.engine: auto` gives them the native engine, which reads the policy's 4-bit layers.
+  could only hold a second, 16-bit copy. Such policies are refused; `rollout.engine: auto` gives them the
+  native engine, which reads the policy's 4-bit layers.
 
 Only vLLM versions in TESTED_VERSIONS are used; `rollout.engine: auto` falls back to the native engine with
 the reason logged, `vllm` refuses an untested version before anything is loaded.
