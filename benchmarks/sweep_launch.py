@@ -3,7 +3,7 @@ Qwen2.5-0.5B shape (9-12% behind Liger) and NF4 dequantization (38-59% of copy b
 
     python benchmarks/sweep_launch.py
 
-RoPE: warps per program (each program rotates one token's 14 + 2 heads of 64 dims: 4 KB), forward and
+RoPE: positions per program x warps (one position's 14 + 2 heads of 64 dims are 4 KB), forward and
 backward, against Liger's kernel. NF4: elements per program x warps at the 0.5B and 7B MLP shapes, against
 bitsandbytes. GPU times from CUDA-graph replay (bench_kernels.graph_ms); bandwidth against a measured copy.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks.` imports from a checkout
 
+import functools
 import itertools
 
 import torch
@@ -47,14 +48,16 @@ def rope(bw: float) -> None:
     angles = torch.randn(1, n, d // 2, device="cuda").repeat(1, 1, 2)
     cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
     nbytes = 2 * (q.numel() + k.numel()) * 2 + cos.numel() * 2  # read and write q, k; cos/sin first halves
-    print("| RoPE 0.5B | warps | forward us | backward us | GB/s forward (% copy) |\n|---|---|---|---|---|")
-    for warps in (1, 2, 4, 8):
-        fwd = graph_ms(lambda w=warps: _launch(q, k, cos, sin, False, num_warps=w)) * 1e3
-        bwd = graph_ms(lambda w=warps: _launch(q, k, cos, sin, True, num_warps=w)) * 1e3
-        print(row("Tandem", warps, f"{fwd:.1f}", f"{bwd:.1f}", rate(nbytes, fwd, bw)))
+    print("| RoPE 0.5B | positions / program | warps | forward us | backward us | GB/s forward (% copy) |\n"
+          "|---|---|---|---|---|---|")
+    for tokens, warps in itertools.product((1, 2, 4, 8), (1, 2, 4, 8)):
+        launch = functools.partial(_launch, q, k, cos, sin, num_warps=warps, tokens_per_program=tokens)
+        fwd = graph_ms(functools.partial(launch, backward=False)) * 1e3
+        bwd = graph_ms(functools.partial(launch, backward=True)) * 1e3
+        print(row("Tandem", tokens, warps, f"{fwd:.1f}", f"{bwd:.1f}", rate(nbytes, fwd, bw)))
     ql, kl = q.clone(), k.clone()
     fwd = graph_ms(lambda: LigerRopeFunction.apply(ql, kl, cos, sin)) * 1e3
-    print(row("Liger (in place)", "-", f"{fwd:.1f}", "", rate(nbytes, fwd, bw)))
+    print(row("Liger (in place)", "-", "-", f"{fwd:.1f}", "", rate(nbytes, fwd, bw)))
 
 
 def nf4(bw: float) -> None:

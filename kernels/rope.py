@@ -3,7 +3,8 @@
     q_out = q * cos + rotate_half(q) * sin,   rotate_half([x1, x2]) = [-x2, x1]   (halves of the head dim)
     q, k: (B, H, T, D) (any strides with a contiguous last dim); cos, sin: (B or 1, T, D) as HF returns them.
 
-Triton: one launch; one program per (batch, position) rotates every head of Q and K there, reading cos/sin once.
+Triton: one launch; each program takes one (or a few) (batch, position) pairs and rotates every head of Q
+and K there, reading cos/sin once.
 
 Gradient: per pair of halves the forward is the linear map
     out1 = x1 c1 - x2 s1,   out2 = x2 c2 + x1 s2
@@ -40,10 +41,11 @@ if HAVE_TRITON:
     from kernels.triton_cast import cast_to
 
     @triton.jit
-    def _rotate_heads(X, Y, x_sh, y_sh, n_heads, c, s, d,
+    def _rotate_heads(X, Y, x_sh, y_sh, n_heads, c, s, d, dm,
                       HALF: tl.constexpr, BLOCK_H: tl.constexpr, BACKWARD: tl.constexpr):
+        # dm: which of the first-half dims d this position has (all of them, or none past the last position)
         h = tl.arange(0, BLOCK_H)
-        m = (h < n_heads)[:, None] & (d < HALF)[None, :]
+        m = (h < n_heads)[:, None] & dm[None, :]
         x_ptr = X + h[:, None] * x_sh + d[None, :]
         x1 = tl.load(x_ptr, mask=m, other=0.0).to(tl.float32)
         x2 = tl.load(x_ptr + HALF, mask=m, other=0.0).to(tl.float32)
@@ -57,25 +59,27 @@ if HAVE_TRITON:
         tl.store(y_ptr, cast_to(o1, Y.dtype.element_ty), mask=m)
         tl.store(y_ptr + HALF, cast_to(o2, Y.dtype.element_ty), mask=m)
 
-    @triton.jit(do_not_specialize=["seq_len"])  # varies by batch: one compiled variant for every length
+    # lengths and token counts vary by batch: one compiled variant for all of them
+    @triton.jit(do_not_specialize=["seq_len", "n_tokens"])
     def _rotate(Q, K, QO, KO, COS, SIN, q_sb, q_sh, q_st, k_sb, k_sh, k_st, qo_sb, qo_sh, qo_st, ko_sb, ko_sh, ko_st,
-                c_sb, c_st, n_q, n_k, seq_len,
+                c_sb, c_st, n_q, n_k, seq_len, n_tokens,
                 HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
-                BACKWARD: tl.constexpr):
-        # one program per (batch, position): cos/sin read once, then every head of Q and of K rotated
-        pid = tl.program_id(0)
-        b = pid // seq_len
-        t = pid % seq_len
+                BACKWARD: tl.constexpr, TOKENS: tl.constexpr):
+        # TOKENS (batch, position) pairs per program: for each, cos/sin read once, then every head of Q and K
         d = tl.arange(0, BLOCK_D)
-        dm = d < HALF
-        c_base = COS + b * c_sb + t * c_st
-        s_base = SIN + b * c_sb + t * c_st
-        c = tl.load(c_base + d, mask=dm, other=0.0).to(tl.float32)  # first halves only: HF's halves are equal
-        s = tl.load(s_base + d, mask=dm, other=0.0).to(tl.float32)
-        _rotate_heads(Q + b * q_sb + t * q_st, QO + b * qo_sb + t * qo_st, q_sh, qo_sh, n_q, c, s, d,
-                      HALF, BLOCK_HQ, BACKWARD)
-        _rotate_heads(K + b * k_sb + t * k_st, KO + b * ko_sb + t * ko_st, k_sh, ko_sh, n_k, c, s, d,
-                      HALF, BLOCK_HK, BACKWARD)
+        for i in tl.static_range(TOKENS):
+            token = tl.program_id(0) * TOKENS + i
+            dm = (d < HALF) & (d * 0 + token < n_tokens)
+            b = token // seq_len
+            t = token % seq_len
+            c_base = COS + b * c_sb + t * c_st
+            s_base = SIN + b * c_sb + t * c_st
+            c = tl.load(c_base + d, mask=dm, other=0.0).to(tl.float32)  # first halves only: HF's are equal
+            s = tl.load(s_base + d, mask=dm, other=0.0).to(tl.float32)
+            _rotate_heads(Q + b * q_sb + t * q_st, QO + b * qo_sb + t * qo_st, q_sh, qo_sh, n_q, c, s, d, dm,
+                          HALF, BLOCK_HQ, BACKWARD)
+            _rotate_heads(K + b * k_sb + t * k_st, KO + b * ko_sb + t * ko_st, k_sh, ko_sh, n_k, c, s, d, dm,
+                          HALF, BLOCK_HK, BACKWARD)
 
     @triton.jit
     def _rotate_and_store(Q, K, V, QO, K_CACHE, V_CACHE, COS, SIN, SLOT, q_sb, q_sh, k_sb, k_sh, v_sb, v_sh,
@@ -89,8 +93,8 @@ if HAVE_TRITON:
         dm = d < HALF
         c = tl.load(COS + b * c_sb + d, mask=dm, other=0.0).to(tl.float32)
         s = tl.load(SIN + b * c_sb + d, mask=dm, other=0.0).to(tl.float32)
-        _rotate_heads(Q + b * q_sb, QO + b * qo_sb, q_sh, qo_sh, n_q, c, s, d, HALF, BLOCK_HQ, False)
-        _rotate_heads(K + b * k_sb, K_CACHE + b * kc_sb + slot * kc_sl, k_sh, kc_sh, n_k, c, s, d, HALF,
+        _rotate_heads(Q + b * q_sb, QO + b * qo_sb, q_sh, qo_sh, n_q, c, s, d, dm, HALF, BLOCK_HQ, False)
+        _rotate_heads(K + b * k_sb, K_CACHE + b * kc_sb + slot * kc_sl, k_sh, kc_sh, n_k, c, s, d, dm, HALF,
                       BLOCK_HK, False)
         h = tl.arange(0, BLOCK_HK)
         full = tl.arange(0, 2 * BLOCK_D)
@@ -99,16 +103,17 @@ if HAVE_TRITON:
         tl.store(V_CACHE + b * vc_sb + slot * vc_sl + h[:, None] * vc_sh + full[None, :], v, mask=m)
 
     def _launch(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool,
-                num_warps: int = 4):
+                num_warps: int = 4, tokens_per_program: int = 1):
         q = q if q.stride(-1) == 1 else q.contiguous()
         k = k if k.stride(-1) == 1 else k.contiguous()
         (b, hq, t, d), hk = q.shape, k.shape[1]
         qo, ko = torch.empty_like(q), torch.empty_like(k)  # same memory order: each program writes one run
         c_sb = 0 if cos.shape[0] == 1 else cos.stride(0)
-        _rotate[(b * t,)](q, k, qo, ko, cos, sin, *(x.stride(i) for x in (q, k, qo, ko) for i in (0, 1, 2)),
-                          c_sb, cos.stride(1), hq, hk, t, HALF=d // 2, BLOCK_HQ=triton.next_power_of_2(hq),
-                          BLOCK_HK=triton.next_power_of_2(hk), BLOCK_D=triton.next_power_of_2(d // 2),
-                          BACKWARD=backward, num_warps=num_warps)
+        grid = (triton.cdiv(b * t, tokens_per_program),)
+        _rotate[grid](q, k, qo, ko, cos, sin, *(x.stride(i) for x in (q, k, qo, ko) for i in (0, 1, 2)),
+                      c_sb, cos.stride(1), hq, hk, t, b * t, HALF=d // 2, BLOCK_HQ=triton.next_power_of_2(hq),
+                      BLOCK_HK=triton.next_power_of_2(hk), BLOCK_D=triton.next_power_of_2(d // 2),
+                      BACKWARD=backward, TOKENS=tokens_per_program, num_warps=num_warps)
         return qo, ko
 
 

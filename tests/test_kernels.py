@@ -77,6 +77,23 @@ def test_apply_rope(triton_backend, b, hq, hk, t, d, cos_batch, dtype):
     compare(lambda q, k: apply_rope(q, k, cos, sin), lambda q, k: apply_rope_torch(q, k, cos, sin), (q, k), dtype)
 
 
+@pytest.mark.parametrize("tokens,warps", [(1, 1), (4, 2), (8, 4)])
+def test_rope_launch_shapes_agree(triton_backend, tokens, warps):
+    """Several positions per program (the last program ragged: 3 x 7 = 21 positions) and other warp counts
+    rotate exactly as one position per program does, forward and backward."""
+    from kernels.rope import _launch
+
+    g = torch.Generator().manual_seed(tokens)
+    q = torch.randn(3, 7, 5, 16, generator=g).transpose(1, 2).to(DEVICE)
+    k = torch.randn(3, 7, 2, 16, generator=g).transpose(1, 2).to(DEVICE)
+    angles = torch.randn(3, 7, 8, generator=g)
+    cos, sin = (torch.cat([f(angles)] * 2, -1).to(DEVICE) for f in (torch.cos, torch.sin))
+    for backward in (False, True):
+        reference = _launch(q, k, cos, sin, backward)
+        ours = _launch(q, k, cos, sin, backward, num_warps=warps, tokens_per_program=tokens)
+        assert all(torch.equal(a, b) for a, b in zip(ours, reference))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(1,), (3, 7, 13), (2, 1031), (5, 2048)])
 def test_swiglu(triton_backend, shape, dtype):
