@@ -76,7 +76,13 @@ if HAVE_TRITON:
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         m_ok, n_ok = rm < M, rn < N
         pair = tl.arange(0, BK // 2)  # the byte holding columns k0 + 2j (high nibble) and k0 + 2j + 1 (low)
-        row = rn.to(tl.int64)[:, None] * K
+        # the weight tile as (rows, quantization blocks, bytes of a block): one scale per block, loaded once
+        # and broadcast in registers (a load per element would cap the kernel below the memory's speed)
+        NB: tl.constexpr = BK // BLOCKSIZE
+        HALF_BLOCK: tl.constexpr = BLOCKSIZE // 2
+        nb = tl.arange(0, NB)
+        in_block = tl.arange(0, HALF_BLOCK)
+        row = rn.to(tl.int64) * K
         k_start = tl.program_id(1) * K_PER
         k_end = tl.minimum(k_start + K_PER, K)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -87,12 +93,13 @@ if HAVE_TRITON:
                              other=0.0)
             x_odd = tl.load(X + rm[:, None] * stride_xm + even[None, :] + 1, mask=m_ok[:, None] & k_ok[None, :],
                             other=0.0)
-            element = row + even[None, :]  # (BN, BK/2) flat index of each byte's first element
-            w_ok = n_ok[:, None] & k_ok[None, :]
-            byte = tl.load(PACKED + element // 2, mask=w_ok, other=0).to(tl.int32)
-            scale = tl.load(ABSMAX + element // BLOCKSIZE, mask=w_ok, other=0.0)
-            w_hi = cast_to(tl.load(CODE + (byte >> 4)) * scale, X.dtype.element_ty)
-            w_lo = cast_to(tl.load(CODE + (byte & 0xF)) * scale, X.dtype.element_ty)
+            w_ok = n_ok[:, None] & (k0 + nb * BLOCKSIZE < k_end)[None, :]  # (BN, NB): whole blocks in or out
+            scale = tl.load(ABSMAX + (row + k0)[:, None] // BLOCKSIZE + nb[None, :], mask=w_ok, other=0.0)
+            byte_at = (row + k0)[:, None, None] // 2 + nb[None, :, None] * HALF_BLOCK + in_block[None, None, :]
+            byte = tl.load(PACKED + byte_at, mask=w_ok[:, :, None], other=0).to(tl.int32)
+            w_hi = tl.reshape(tl.load(CODE + (byte >> 4)) * scale[:, :, None], (BN, BK // 2))
+            w_lo = tl.reshape(tl.load(CODE + (byte & 0xF)) * scale[:, :, None], (BN, BK // 2))
+            w_hi, w_lo = cast_to(w_hi, X.dtype.element_ty), cast_to(w_lo, X.dtype.element_ty)
             if DOT_FP32:  # the same products, exact in fp32 (see nf4_matmul)
                 x_even, x_odd, w_hi, w_lo = (x_even.to(tl.float32), x_odd.to(tl.float32), w_hi.to(tl.float32),
                                              w_lo.to(tl.float32))
@@ -126,11 +133,11 @@ if HAVE_TRITON:
 _TARGET_PROGRAMS = 4 * 132
 
 
-def _plan(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
-    """(BM, BN, BK, warps, split) for an (m x k) @ (k x n) product."""
+def _plan(m: int, n: int, k: int, blocksize: int) -> tuple[int, int, int, int, int]:
+    """(BM, BN, BK, warps, split) for an (m x k) @ (k x n) product; BK holds whole quantization blocks."""
     if m > 16:  # a prefill-sized product: enough tiles without splitting
-        return 64, 64, 128, 4, 1
-    bn, bk = 32, 256
+        return 64, 64, max(128, blocksize), 4, 1
+    bn, bk = 32, max(256, blocksize)
     tiles = triton.cdiv(n, bn)
     split = max(1, min(triton.cdiv(_TARGET_PROGRAMS, tiles), triton.cdiv(k, bk)))
     return 16, bn, bk, 4, split
@@ -157,7 +164,10 @@ def nf4_matmul(x, packed, absmax, code, out_features: int, u=None, lora_b=None, 
         r = u.shape[-1]
         if r < 16 or r & (r - 1) or lora_b.shape != (out_features, r) or not lora_b.is_contiguous():
             raise ValueError("nf4_matmul: u (M, R) and lora_b (out, R) contiguous, R a power of two >= 16")
-    bm, bn, bk, warps, split = plan or _plan(m, out_features, k)
+    bm, bn, bk, warps, split = plan or _plan(m, out_features, k, blocksize)
+    if k % blocksize or bk % blocksize:
+        raise ValueError(f"nf4_matmul: in_features ({k}) and the K tile ({bk}) must be multiples of the "
+                         f"quantization block ({blocksize})")
     k_per = triton.cdiv(triton.cdiv(k, split), bk) * bk  # each slice a whole number of BK columns
     split = triton.cdiv(k, k_per)
     partial = torch.empty((split, m, out_features), dtype=torch.float32, device=x.device) if split > 1 else y
