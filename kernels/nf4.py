@@ -58,18 +58,22 @@ if HAVE_TRITON:
     from kernels.triton_cast import cast_to
 
     @triton.jit
+    def block_scales(ABSMAX, ABSMAX2, CODE2, OFFSET, block, ok, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr):
+        """The fp32 scale of each quantization block in `block`. With double quantization in bitsandbytes'
+        order: code2[q] * absmax2, rounded, then + offset (the caller launches without FMA contraction)."""
+        if NESTED:
+            q = tl.load(ABSMAX + block, mask=ok, other=0).to(tl.int32)
+            return tl.load(CODE2 + q) * tl.load(ABSMAX2 + block // BLOCKSIZE2, mask=ok, other=0.0) + tl.load(OFFSET)
+        else:
+            return tl.load(ABSMAX + block, mask=ok, other=0.0).to(tl.float32)
+
+    @triton.jit
     def _dequant_kernel(PACKED, ABSMAX, CODE, ABSMAX2, CODE2, OFFSET, OUT, n, BLOCKSIZE: tl.constexpr,
                         BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr, BLOCKS: tl.constexpr):
         # a tile of BLOCKS quantization blocks x BLOCKSIZE / 2 bytes: one scale per row of the tile, computed
         # once, and each byte's two elements (high nibble first) stored as one contiguous run per block
         block = tl.program_id(0).to(tl.int64) * BLOCKS + tl.arange(0, BLOCKS)
-        block_ok = block * BLOCKSIZE < n
-        if NESTED:  # bitsandbytes' order: code2[q] * absmax2, rounded, then + offset (launched without FMA)
-            q = tl.load(ABSMAX + block, mask=block_ok, other=0).to(tl.int32)
-            scale = tl.load(CODE2 + q) * tl.load(ABSMAX2 + block // BLOCKSIZE2, mask=block_ok, other=0.0) \
-                + tl.load(OFFSET)
-        else:
-            scale = tl.load(ABSMAX + block, mask=block_ok, other=0.0).to(tl.float32)
+        scale = block_scales(ABSMAX, ABSMAX2, CODE2, OFFSET, block, block * BLOCKSIZE < n, BLOCKSIZE2, NESTED)
         pair = tl.arange(0, BLOCKSIZE // 2)
         offs = block[:, None] * (BLOCKSIZE // 2) + pair[None, :]
         byte = tl.load(PACKED + offs, mask=2 * offs < n, other=0).to(tl.int32)
@@ -101,13 +105,19 @@ def dequantize_nf4(packed: torch.Tensor, quant_state, elements: int = _ELEMENTS,
     check_standard_layout(quant_state)
     n = torch.Size(quant_state.shape).numel()
     out = torch.empty(quant_state.shape, dtype=quant_state.dtype, device=packed.device)
-    nested = bool(quant_state.nested)
-    s2 = quant_state.state2 if nested else None
-    absmax, code = quant_state.absmax, quant_state.code
+    absmax, absmax2, code2, offset, nested = scale_args(quant_state)
     blocks = max(1, elements // quant_state.blocksize)
     _dequant_kernel[(triton.cdiv(n, blocks * quant_state.blocksize),)](
-        packed.reshape(-1).view(torch.uint8), absmax, code, s2.absmax if nested else absmax,
-        s2.code if nested else code, _offset(quant_state) if nested else absmax, out, n,
-        BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=s2.blocksize if nested else 1, NESTED=nested, BLOCKS=blocks,
-        enable_fp_fusion=False, num_warps=num_warps)
+        packed.reshape(-1).view(torch.uint8), absmax, quant_state.code, absmax2, code2, offset, out, n,
+        BLOCKSIZE=quant_state.blocksize, BLOCKSIZE2=quant_state.state2.blocksize if nested else 1,
+        NESTED=nested, BLOCKS=blocks, enable_fp_fusion=False, num_warps=num_warps)
     return out
+
+
+def scale_args(quant_state):
+    """(ABSMAX, ABSMAX2, CODE2, OFFSET, NESTED) for block_scales; unused slots hold absmax."""
+    absmax = quant_state.absmax
+    if not quant_state.nested:
+        return absmax, absmax, absmax, absmax, False
+    s2 = quant_state.state2
+    return absmax, s2.absmax, s2.code, _offset(quant_state), True
