@@ -53,20 +53,22 @@ class NF4Projection:
         """Copy the live adapters in place (same buffers: captured CUDA graphs stay valid)."""
         if self.lora_a is None:
             return
-        self.lora_a.zero_()
-        self.lora_b.zero_()
         row, col = 0, 0
         for m in self.group:
             n = _base(m).weight.quant_state.shape[0]
-            if lora_active(m):
-                for a in _adapters(m):
-                    wa, wb = m.lora_A[a].weight, m.lora_B[a].weight
-                    r = wa.shape[0]
+            for a in _adapters(m):
+                wa, wb = m.lora_A[a].weight, m.lora_B[a].weight
+                r = wa.shape[0]
+                if col + r > self.rank:
+                    raise RuntimeError("the active adapters changed since the 4-bit decode weights were built; "
+                                       "call the engine's release() to rebuild them")
+                if lora_active(m):
                     self.lora_a[col:col + r].copy_(wa)
                     self.lora_b[row:row + n, col:col + r].copy_(wb.float() * m.scaling[a])
-                    col += r
-            else:
-                col += sum(m.lora_A[a].weight.shape[0] for a in _adapters(m))
+                else:  # disabled adapters contribute nothing
+                    self.lora_a[col:col + r].zero_()
+                    self.lora_b[row:row + n, col:col + r].zero_()
+                col += r
             row += n
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
