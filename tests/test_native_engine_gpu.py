@@ -1,5 +1,6 @@
-"""On a CUDA GPU: the native engine's fast path (CUDA graphs, Triton norms/RoPE/SwiGLU, merged or 4-bit
-working weights) on the Qwen2.5-0.5B shape with a live LoRA adapter, against HF generate.
+"""On a CUDA GPU: the native engine's fast path (CUDA graphs, Triton norms/RoPE/SwiGLU/attention, merged
+working weights or the NF4 codes read as 4 bits) on the Qwen2.5-0.5B shape with a live LoRA adapter,
+against HF generate.
 
   - fp32: greedy output equals HF generate token for token. In fp32 the two paths differ by summation order
     only (~1e-6 relative), far below the gap between a random model's top two logits at nearly every step.
@@ -31,20 +32,21 @@ def _policy(dtype, load_in_4bit):
     return policy
 
 
-@pytest.mark.parametrize("load_in_4bit", [False, True])
-def test_fp32_greedy_equals_hf_generate(load_in_4bit):
+@pytest.mark.parametrize("load_in_4bit,read_4bit", [(False, False), (True, False), (True, True)])
+def test_fp32_greedy_equals_hf_generate(load_in_4bit, read_4bit):
+    """read_4bit: the decode steps (4 rows) and the prefill read the NF4 codes (kernels/nf4_matmul.py)."""
     policy = _policy("float32", load_in_4bit)
-    engine = NativeEngine(policy.model, policy.tokenizer)
+    engine = NativeEngine(policy.model, policy.tokenizer, read_4bit=read_4bit)
     params = SamplingParams(max_tokens=48, temperature=0, stop_token_ids=[])
     ours = [g[0].token_ids for g in engine.generate(PROMPTS, params)]
     assert ours == hf_greedy(policy.model, PROMPTS, 48, policy.tokenizer.pad_token_id)
 
 
-@pytest.mark.parametrize("load_in_4bit", [False, True])
-def test_bf16_greedy_is_hf_greedy_within_rounding(load_in_4bit):
+@pytest.mark.parametrize("load_in_4bit,read_4bit", [(False, False), (True, False), (True, True)])
+def test_bf16_greedy_is_hf_greedy_within_rounding(load_in_4bit, read_4bit):
     policy = _policy("bfloat16", load_in_4bit)
     model = policy.model
-    engine = NativeEngine(model, policy.tokenizer)
+    engine = NativeEngine(model, policy.tokenizer, read_4bit=read_4bit)
     outs = engine.generate(PROMPTS, SamplingParams(max_tokens=48, temperature=0, stop_token_ids=[]))
     worst, decided = 0.0, 0
     model.eval()
@@ -59,6 +61,6 @@ def test_bf16_greedy_is_hf_greedy_within_rounding(load_in_4bit):
             clear = (top2[:, 0] - top2[:, 1] > 0.1).cpu()
             assert (logps.argmax(-1).cpu()[clear] == torch.tensor(c.token_ids)[clear]).all()
             decided += int(clear.sum())
-    print(f"bf16 4bit={load_in_4bit}: max |logp engine - logp HF| = {worst:.4f} nats; "
+    print(f"bf16 4bit={load_in_4bit} read_4bit={read_4bit}: max |logp engine - logp HF| = {worst:.4f} nats; "
           f"{decided} of {sum(len(g[0].token_ids) for g in outs)} steps with a clear HF choice, all equal")
     assert worst < 0.1
