@@ -104,12 +104,17 @@ if HAVE_TRITON:
                  mask=(g[:, None] < group) & (d[None, :] < head_dim))
 
 
-_BLOCK_N = 64
 _TARGET_PROGRAMS = 2 * 132  # two per multiprocessor of an H100/H200
 
 
-def _splits(problems: int, length: int) -> int:
-    blocks = triton.cdiv(length, _BLOCK_N)
+def _block_n(head_dim: int) -> int:
+    # keys per iteration: 64 x 128-dim K and V tiles take 250 registers a thread at 4 warps (two programs per
+    # multiprocessor, compiled for sm_90); 32 of them take 168 (three)
+    return 64 if head_dim <= 64 else 32
+
+
+def _splits(problems: int, length: int, block_n: int) -> int:
+    blocks = triton.cdiv(length, block_n)
     return max(1, min(blocks, triton.cdiv(_TARGET_PROGRAMS, problems)))
 
 
@@ -121,8 +126,9 @@ def decode_attention(q, k_cache, v_cache, valid, scale: float, splits: int | Non
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1 or valid.stride(-1) != 1:
         raise ValueError("decode_attention needs a contiguous last dimension in q, the caches and valid")
     gp, d = max(16, triton.next_power_of_2(group)), max(16, triton.next_power_of_2(head_dim))
-    n_split = splits or _splits(b * n_kv, length)
-    per_split = triton.cdiv(triton.cdiv(length, n_split), _BLOCK_N) * _BLOCK_N
+    block_n = _block_n(head_dim)
+    n_split = splits or _splits(b * n_kv, length, block_n)
+    per_split = triton.cdiv(triton.cdiv(length, n_split), block_n) * block_n
     n_split = triton.cdiv(length, per_split)
     stats = torch.empty((2, b * n_kv * n_split, gp), dtype=torch.float32, device=q.device)
     acc = torch.empty((b * n_kv * n_split, gp, d), dtype=torch.float32, device=q.device)
@@ -133,7 +139,7 @@ def decode_attention(q, k_cache, v_cache, valid, scale: float, splits: int | Non
     _partial_kernel[(b * n_kv, n_split)](
         q, k_cache, v_cache, valid_bytes, stats[0], stats[1], acc, length, per_split, n_kv, group, head_dim,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], valid.stride(0), scale, n_split,
-        GP=gp, D=d, BLOCK_N=_BLOCK_N, DOT_FP32=dot_fp32, PRECISION="ieee" if dot_fp32 else "tf32")
+        GP=gp, D=d, BLOCK_N=block_n, DOT_FP32=dot_fp32, PRECISION="ieee" if dot_fp32 else "tf32")
     _combine_kernel[(b * n_kv,)](stats[0], stats[1], acc, out, n_kv, group, head_dim, n_split, *out.stride()[:3],
                                  GP=gp, D=d)
     return out

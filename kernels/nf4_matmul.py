@@ -135,8 +135,8 @@ _TARGET_PROGRAMS = 4 * 132
 
 def _plan(m: int, n: int, k: int, blocksize: int) -> tuple[int, int, int, int, int]:
     """(BM, BN, BK, warps, split) for an (m x k) @ (k x n) product; BK holds whole quantization blocks."""
-    if m > 16:  # a prefill-sized product: enough tiles without splitting
-        return 64, 64, max(128, blocksize), 4, 1
+    if m > 16:  # a prefill-sized product: enough tiles without splitting (8 warps: 4 spill at 64 x 64)
+        return 64, 64, max(128, blocksize), 8, 1
     bn, bk = 32, max(256, blocksize)
     tiles = triton.cdiv(n, bn)
     split = max(1, min(triton.cdiv(_TARGET_PROGRAMS, tiles), triton.cdiv(k, bk)))
