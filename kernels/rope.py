@@ -43,7 +43,6 @@ if HAVE_TRITON:
     @triton.jit
     def _rotate_heads(X, Y, x_sh, y_sh, n_heads, c, s, d, dm,
                       HALF: tl.constexpr, BLOCK_H: tl.constexpr, BACKWARD: tl.constexpr):
-        # dm: which of the first-half dims d this position has (all of them, or none past the last position)
         h = tl.arange(0, BLOCK_H)
         m = (h < n_heads)[:, None] & dm[None, :]
         x_ptr = X + h[:, None] * x_sh + d[None, :]
@@ -67,9 +66,10 @@ if HAVE_TRITON:
                 BACKWARD: tl.constexpr, TOKENS: tl.constexpr):
         # TOKENS (batch, position) pairs per program: for each, cos/sin read once, then every head of Q and K
         d = tl.arange(0, BLOCK_D)
+        dm = d < HALF
         for i in tl.static_range(TOKENS):
-            token = tl.program_id(0) * TOKENS + i
-            dm = (d < HALF) & (d * 0 + token < n_tokens)
+            # past the last position a program redoes the last one: the same values to the same addresses
+            token = tl.minimum(tl.program_id(0) * TOKENS + i, n_tokens - 1)
             b = token // seq_len
             t = token % seq_len
             c_base = COS + b * c_sb + t * c_st

@@ -1,5 +1,6 @@
-"""The inference kernels compile for Hopper (sm_90) at the launch shapes the engine uses, without spilling
-registers, on any machine: Triton compiles ahead of time with the ptxas it ships, no GPU needed.
+"""Tandem's Triton kernels compile for Hopper (sm_90) at the launch shapes the engine and the trainer use,
+without spilling registers, on any machine: Triton compiles ahead of time with the ptxas it ships, no GPU
+needed.
 
 The CPU suite runs these kernels through Triton's interpreter, which checks what they compute but not that
 the compiler accepts them or how many registers they need; this does. A spill (local memory or stack use)
@@ -34,8 +35,9 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 import importlib
 # modules by full name: the package re-exports functions named like some of them
-decode_attention, merge_lora, nf4_matmul, rms_norm, rope, swiglu = (importlib.import_module(f"kernels.{m}") for m in
-    ("decode_attention", "merge_lora", "nf4_matmul", "rms_norm", "rope", "swiglu"))
+decode_attention, logprobs, merge_lora, nf4, nf4_matmul, rms_norm, rope, swiglu = (
+    importlib.import_module(f"kernels.{m}") for m in
+    ("decode_attention", "logprobs", "merge_lora", "nf4", "nf4_matmul", "rms_norm", "rope", "swiglu"))
 
 I, F = "i32", "fp32"
 CASES = {
@@ -67,6 +69,23 @@ CASES = {
     "residual add + rms_norm": (rms_norm._add_forward, dict(
         X="*bf16", D="*bf16", W="*bf16", H="*bf16", Y="*bf16", eps=F), dict(ROWS=2, BLOCK=2048), {}),
     "swiglu, concatenated": (swiglu._forward_concatenated, dict(GU="*bf16", Y="*bf16"), dict(BLOCK=1024), {}),
+    # training kernels, at 7B sizes (hidden 3,584, vocabulary 151,936)
+    "rms_norm forward": (rms_norm._forward, dict(X="*bf16", W="*bf16", Y="*bf16", RSTD="*fp32", eps=F),
+                         dict(ROWS=1, BLOCK=4096), {}),
+    "rms_norm backward": (rms_norm._backward, dict(DY="*bf16", X="*bf16", W="*bf16", RSTD="*fp32", DX="*bf16",
+                                                   DW_PART="*fp32"), dict(ROWS=1, BLOCK=4096), {}),
+    "rope": (rope._rotate, dict(Q="*bf16", K="*bf16", QO="*bf16", KO="*bf16", COS="*bf16", SIN="*bf16"),
+             dict(HALF=64, BLOCK_HQ=32, BLOCK_HK=4, BLOCK_D=64, BACKWARD=False, TOKENS=1), {}),
+    "swiglu forward": (swiglu._forward, dict(G="*bf16", U="*bf16", Y="*bf16"), dict(BLOCK=1024), {}),
+    "swiglu backward": (swiglu._backward, dict(DY="*bf16", G="*bf16", U="*bf16", DG="*bf16", DU="*bf16"),
+                        dict(BLOCK=1024), {}),
+    "log-prob statistics": (logprobs._stats_kernel, dict(Z="*bf16", TARGETS="*i64", LSE="*fp32", LOGP="*fp32",
+                                                         ENT="*fp32", inv_t=F), dict(BLOCK_V=4096), {}),
+    "log-prob gradient": (logprobs._grad_kernel, dict(Z="*bf16", TARGETS="*i64", LSE="*fp32", ENT="*fp32",
+                                                      G="*fp32", H="*fp32", inv_t=F), dict(BLOCK_V=2048), {}),
+    "nf4 dequantization": (nf4._dequant_kernel, dict(PACKED="*u8", ABSMAX="*u8", CODE="*fp32", ABSMAX2="*fp32",
+                                                     CODE2="*fp32", OFFSET="*fp32", OUT="*bf16"),
+                           dict(BLOCKSIZE=64, BLOCKSIZE2=256, NESTED=True, BLOCKS=64), dict(enable_fp_fusion=False)),
 }
 
 def plan(kind):
@@ -92,7 +111,7 @@ print(json.dumps(results))
 '''
 
 
-def test_inference_kernels_compile_for_hopper_without_spills():
+def test_kernels_compile_for_hopper_without_spills():
     if _tools() is None:
         pytest.skip("this Triton has no NVIDIA backend tools (ptxas, cuobjdump)")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
