@@ -58,9 +58,10 @@ def bench(name: str, n: int, k: int, m: int, bw: float, sweep: bool) -> None:
              "bitsandbytes matmul_4bit": lambda: bnb.matmul_4bit(x, packed.t(), quant_state=state),
              "tandem nf4_matmul": lambda: nf4_matmul(x, packed, absmax, code, n)}
     if sweep:
-        for bn, bk, warps, split in itertools.product((16, 32, 64, 128), (128, 256, 512), (4, 8), (1, 4, 16)):
-            impls[f"BN{bn} BK{bk} w{warps} split{split}"] = functools.partial(
-                nf4_matmul, x, packed, absmax, code, n, plan=(16, bn, bk, warps, split))
+        for bn, bk, warps, split, stages in itertools.product((16, 32, 64, 128), (128, 256, 512), (4, 8), (1, 4, 16),
+                                                             (1, 3)):
+            impls[f"BN{bn} BK{bk} w{warps} split{split} stages{stages}"] = functools.partial(
+                nf4_matmul, x, packed, absmax, code, n, plan=(16, bn, bk, warps, split, stages))
     for impl, fn in impls.items():
         try:
             us = graph_us(fn)

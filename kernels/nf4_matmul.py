@@ -75,8 +75,8 @@ if HAVE_TRITON:
         rm = tl.program_id(2) * BM + tl.arange(0, BM)
         rn = tl.program_id(0) * BN + tl.arange(0, BN)
         m_ok, n_ok = rm < M, rn < N
-        pair = tl.arange(0, BK // 2)  # the byte holding columns k0 + 2j (high nibble) and k0 + 2j + 1 (low)
-        # the weight tile as (rows, quantization blocks, bytes of a block): one scale per block, loaded once
+        # byte j of a tile holds columns k0 + 2j (high nibble) and k0 + 2j + 1 (low): x's even and odd columns.
+        # The weight tile as (rows, quantization blocks, bytes of a block): one scale per block, loaded once
         # and broadcast in registers (a load per element would cap the kernel below the memory's speed)
         NB: tl.constexpr = BK // BLOCKSIZE
         HALF_BLOCK: tl.constexpr = BLOCKSIZE // 2
@@ -87,12 +87,11 @@ if HAVE_TRITON:
         k_end = tl.minimum(k_start + K_PER, K)
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(k_start, k_end, BK):
-            even = k0 + 2 * pair
-            k_ok = even < k_end
-            x_even = tl.load(X + rm[:, None] * stride_xm + even[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                             other=0.0)
-            x_odd = tl.load(X + rm[:, None] * stride_xm + even[None, :] + 1, mask=m_ok[:, None] & k_ok[None, :],
-                            other=0.0)
+            # x's columns k0.. as one contiguous (vectorized) load, split into even and odd in registers
+            cols = k0 + tl.arange(0, BK)
+            x = tl.load(X + rm[:, None] * stride_xm + cols[None, :], mask=m_ok[:, None] & (cols < k_end)[None, :],
+                        other=0.0)
+            x_even, x_odd = tl.split(tl.reshape(x, (BM, BK // 2, 2)))
             w_ok = n_ok[:, None] & (k0 + nb * BLOCKSIZE < k_end)[None, :]  # (BN, NB): whole blocks in or out
             scale = tl.load(ABSMAX + (row + k0)[:, None] // BLOCKSIZE + nb[None, :], mask=w_ok, other=0.0)
             byte_at = (row + k0)[:, None, None] // 2 + nb[None, :, None] * HALF_BLOCK + in_block[None, None, :]
@@ -127,26 +126,30 @@ if HAVE_TRITON:
                          PRECISION, DOT_FP32)
 
 
-# Enough loads in flight to cover the memory latency: a tile of 32 rows x 256 columns is 4 KB of codes per
-# iteration, and the grid aims for ~4 programs per multiprocessor of an H100/H200 (132 of them); a decode
-# batch's few output tiles are made many by splitting K (the partial sums are added in a fixed order).
+# Enough loads in flight to cover the memory latency: a tile of 64 rows x 128 columns is 4 KB of codes per
+# iteration (168 registers a thread at 4 warps on sm_90: three programs per multiprocessor), and the grid
+# aims for ~4 programs per multiprocessor of an H100/H200 (132 of them); a decode batch's few output tiles
+# are made many by splitting K (the partial sums are added in a fixed order).
 _TARGET_PROGRAMS = 4 * 132
 
 
-def _plan(m: int, n: int, k: int, blocksize: int) -> tuple[int, int, int, int, int]:
-    """(BM, BN, BK, warps, split) for an (m x k) @ (k x n) product; BK holds whole quantization blocks."""
+def _plan(m: int, n: int, k: int, blocksize: int) -> tuple[int, int, int, int, int, int]:
+    """(BM, BN, BK, warps, split, stages) for an (m x k) @ (k x n) product; BK holds whole quantization blocks.
+    One stage: Triton's software pipelining would stage every code lookup through shared memory (a 4-byte
+    async copy per element, seen in the sm_90 SASS); unpipelined they are plain loads that hit L1, and the
+    split of K keeps enough programs in flight to hide the latency instead."""
     if m > 16:  # a prefill-sized product: enough tiles without splitting (8 warps: 4 spill at 64 x 64)
-        return 64, 64, max(128, blocksize), 8, 1
-    bn, bk = 32, max(256, blocksize)
+        return 64, 64, max(128, blocksize), 8, 1, 1
+    bn, bk = 64, max(128, blocksize)
     tiles = triton.cdiv(n, bn)
     split = max(1, min(triton.cdiv(_TARGET_PROGRAMS, tiles), triton.cdiv(k, bk)))
-    return 16, bn, bk, 4, split
+    return 16, bn, bk, 4, split, 1
 
 
 def nf4_matmul(x, packed, absmax, code, out_features: int, u=None, lora_b=None, bias=None, blocksize: int = 64,
-               plan: tuple[int, int, int, int, int] | None = None):
+               plan: tuple[int, int, int, int, int, int] | None = None):
     """x (..., K) -> (..., out_features); see the module docstring. `lora_b` has R columns, R a power of two
-    >= 16 (pad with zeros), and u = x A^T has the same R. `plan` = (BM, BN, BK, warps, split) overrides the
+    >= 16 (pad with zeros), and u = x A^T has the same R. `plan` = (BM, BN, BK, warps, split, stages) overrides the
     choice of tiles (for benchmarks/bench_nf4_matmul.py)."""
     if not use_triton(x):
         return nf4_matmul_torch(x, packed, absmax, code, out_features, u, lora_b, bias, blocksize)
@@ -164,7 +167,7 @@ def nf4_matmul(x, packed, absmax, code, out_features: int, u=None, lora_b=None, 
         r = u.shape[-1]
         if r < 16 or r & (r - 1) or lora_b.shape != (out_features, r) or not lora_b.is_contiguous():
             raise ValueError("nf4_matmul: u (M, R) and lora_b (out, R) contiguous, R a power of two >= 16")
-    bm, bn, bk, warps, split = plan or _plan(m, out_features, k, blocksize)
+    bm, bn, bk, warps, split, stages = plan or _plan(m, out_features, k, blocksize)
     if k % blocksize or bk % blocksize:
         raise ValueError(f"nf4_matmul: in_features ({k}) and the K tile ({bk}) must be multiples of the "
                          f"quantization block ({blocksize})")
@@ -180,7 +183,7 @@ def nf4_matmul(x, packed, absmax, code, out_features: int, u=None, lora_b=None, 
     _nf4_matmul_kernel[(triton.cdiv(out_features, bn), split, triton.cdiv(m, bm))](
         x2, packed, absmax, code, *lora_args, y, partial, m, out_features, k, k_per, x2.stride(0),
         u.stride(0) if has_lora else 0, y.stride(0), BLOCKSIZE=blocksize, BM=bm, BN=bn, BK=bk, SPLIT=split > 1,
-        num_warps=warps, **common)
+        num_warps=warps, num_stages=stages, **common)
     if split > 1:
         _nf4_reduce_kernel[(triton.cdiv(out_features, 64), triton.cdiv(m, bm))](
             partial, *lora_args, y, m, out_features, split, u.stride(0) if has_lora else 0, y.stride(0),

@@ -90,9 +90,9 @@ CASES = {
 
 def plan(kind):
     m = 8 if kind == "decode" else 256
-    bm, bn, bk, warps, split = nf4_matmul._plan(m, 2048, 1536, 64)
+    bm, bn, bk, warps, split, stages = nf4_matmul._plan(m, 2048, 1536, 64)
     return (dict(R=32, HAS_LORA=True, HAS_BIAS=True, BLOCKSIZE=64, BM=bm, BN=bn, BK=bk, SPLIT=split > 1,
-                 PRECISION="tf32", DOT_FP32=False), dict(num_warps=warps))
+                 PRECISION="tf32", DOT_FP32=False), dict(num_warps=warps, num_stages=stages))
 
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 results = {}
@@ -100,7 +100,9 @@ for name, (fn, pointers, constexprs, options) in CASES.items():
     if constexprs is None:
         constexprs, options = plan(options)
     signature = {p.name: "constexpr" if p.is_constexpr else pointers.get(p.name, I) for p in fn.params}
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+    # as at run time, where Triton specializes 16-byte-aligned pointers (fresh allocations are): vectorized code
+    aligned = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if signature[p.name][0] == "*"}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
                             target=GPUTarget("cuda", 90, 32), options=options or None)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(kernel.asm["cubin"])

@@ -50,7 +50,7 @@ def test_nf4_matmul_equals_dequantize_then_matmul(monkeypatch, m, k, n, dtype, l
     torch.testing.assert_close(twin.float(), reference, **TOL[dtype])
 
 
-@pytest.mark.parametrize("plan", [(16, 16, 64, 4, 3), (16, 32, 128, 4, 2), (64, 64, 128, 4, 1)])
+@pytest.mark.parametrize("plan", [(16, 16, 64, 4, 3, 1), (16, 32, 128, 4, 2, 3), (64, 64, 128, 4, 1, 1)])
 def test_every_tiling_and_split_of_k_gives_the_same_product(monkeypatch, plan):
     """Split K (partials summed by a second kernel in a fixed order), odd tiles, the LoRA/bias epilogue in
     either kernel: all equal the reference."""
