@@ -26,7 +26,7 @@ def _tools():
 
 # in a child process: the test suite runs Triton's interpreter, which replaces what triton.jit returns
 CHILD = r'''
-import json, os, re, subprocess, sys, tempfile
+import json, os, re, subprocess
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 import triton
@@ -104,9 +104,10 @@ for name, (fn, pointers, constexprs, options) in CASES.items():
     aligned = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if signature[p.name][0] == "*"}
     kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=aligned),
                             target=GPUTarget("cuda", 90, 32), options=options or None)
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+    cubin = os.path.join(os.environ["TRITON_CACHE_DIR"], "check.cubin")  # a directory the test removes
+    with open(cubin, "wb") as f:
         f.write(kernel.asm["cubin"])
-    usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+    usage = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True).stdout
     reg, stack, local = map(int, re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage).groups())
     results[name] = dict(registers=reg, stack=stack, local=local)
 print(json.dumps(results))
