@@ -130,29 +130,35 @@ class _Rope(torch.autograd.Function):
         return (*_launch(dq, dk, cos, sin, True), None, None)
 
 
-def rope_and_store_kv_torch(q, k, v, cos, sin, k_cache, v_cache, slot):
+def _store_kv(k, v, k_cache, v_cache, slots) -> None:
+    rows = k.shape[0]
+    k_cache[:rows].index_copy_(2, slots, k.to(k_cache.dtype))
+    v_cache[:rows].index_copy_(2, slots, v.to(v_cache.dtype))
+
+
+def rope_and_store_kv_torch(q, k, v, cos, sin, k_cache, v_cache, slots):
     q, k = apply_rope_torch(q, k, cos, sin)
-    rows = q.shape[0]
-    k_cache[:rows].index_copy_(2, slot, k.to(k_cache.dtype))
-    v_cache[:rows].index_copy_(2, slot, v.to(v_cache.dtype))
+    _store_kv(k, v, k_cache, v_cache, slots)
     return q
 
 
-def rope_and_store_kv(q, k, v, cos, sin, k_cache, v_cache, slot: torch.Tensor) -> torch.Tensor:
-    """A decode step's RoPE and cache write in one launch (inference: no autograd).
+def rope_and_store_kv(q, k, v, cos, sin, k_cache, v_cache, slots: torch.Tensor) -> torch.Tensor:
+    """RoPE, and K (rotated) and V written into the caches at `slots` of rows 0..B-1 (inference: no autograd).
 
-    q (B, Hq, 1, D), k and v (B, Hk, 1, D), cos/sin (B or 1, 1, D); k_cache/v_cache (>= B, Hk, L, D); slot: a
-    one-element device tensor (read in the kernel, so a captured CUDA graph replays at any slot). Returns the
-    rotated q; K rotated and V are written at `slot` of rows 0..B-1."""
+    q (B, Hq, T, D), k and v (B, Hk, T, D), cos/sin (B or 1, T, D); k_cache/v_cache (>= B, Hk, L, D); slots:
+    T slot indices on the device. Returns the rotated q. A decode step (T = 1) is one launch that reads the
+    slot on the device (a captured CUDA graph replays at any slot); a prefill is apply_rope and two copies."""
     d = q.shape[-1]
     ok = (use_triton(q) and d % 2 == 0 and q.shape[2] == 1 and not torch.is_grad_enabled()
           and all(t.stride(-1) == 1 for t in (q, k, v, cos, sin, k_cache, v_cache)))
     if not ok:
-        return rope_and_store_kv_torch(q, k, v, cos, sin, k_cache, v_cache, slot)
+        q, k = apply_rope(q, k, cos, sin)
+        _store_kv(k, v, k_cache, v_cache, slots)
+        return q
     (b, hq, _, _), hk = q.shape, k.shape[1]
     qo = torch.empty_like(q)
     half_block = triton.next_power_of_2(d // 2)
-    _rotate_and_store[(b,)](q, k, v, qo, k_cache, v_cache, cos, sin, slot, q.stride(0), q.stride(1), k.stride(0),
+    _rotate_and_store[(b,)](q, k, v, qo, k_cache, v_cache, cos, sin, slots, q.stride(0), q.stride(1), k.stride(0),
                             k.stride(1), v.stride(0), v.stride(1), qo.stride(0), qo.stride(1),
                             *k_cache.stride()[:3], *v_cache.stride()[:3], 0 if cos.shape[0] == 1 else cos.stride(0),
                             hq, hk, HALF=d // 2, BLOCK_HQ=triton.next_power_of_2(hq),

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kernels import apply_rope, rms_norm
+from kernels import rms_norm
 from kernels.decode_attention import decode_attention
 from kernels.rms_norm import add_rms_norm
 from kernels.rope import rope_and_store_kv
@@ -186,18 +186,14 @@ class Decoder:
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         if self.qk_norm:
             q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
+        q = rope_and_store_kv(q.transpose(1, 2), k.transpose(1, 2), v, cos, sin, k_cache, v_cache, slots)
         group = self.n_heads // self.n_kv
         if t == 1:
-            # RoPE and the cache write in one launch; then the query heads that share a KV head become that
-            # head's queries (no copy of K and V), the keys split across the GPU (flash-decoding), the slot
-            # mask read as it is
-            q = rope_and_store_kv(q.transpose(1, 2), k.transpose(1, 2), v, cos, sin, k_cache, v_cache, slots)
+            # the query heads that share a KV head become that head's queries (no copy of K and V), the keys
+            # split across the GPU (flash-decoding), the slot mask read as it is
             out = decode_attention(q.reshape(b, self.n_kv, group, self.head_dim), k_cache, v_cache,
                                    attend[:, 0, 0, :], self.scale)
         else:
-            q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
-            k_cache[:rows].index_copy_(2, slots, k)
-            v_cache[:rows].index_copy_(2, slots, v)
             keys, values = k_cache[:rows, :, :length], v_cache[:rows, :, :length]
             out = F.scaled_dot_product_attention(q, keys.repeat_interleave(group, 1),
                                                  values.repeat_interleave(group, 1), attn_mask=attend,

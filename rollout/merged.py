@@ -48,14 +48,19 @@ def lora_active(linear) -> bool:
         not getattr(linear, "merged", False)
 
 
+def adapter_names(linear) -> list[str]:
+    """The active adapters this (peft LoRA) layer has, enabled or not; [] for a plain layer."""
+    if not hasattr(linear, "lora_A"):
+        return []
+    return [a for a in linear.active_adapters if a in linear.lora_A]
+
+
 def lora_delta(linear) -> torch.Tensor | None:
     """sum over active adapters of scale * B @ A, as peft applies them (None when there are none)."""
     if not lora_active(linear):
         return None
     delta = None
-    for name in linear.active_adapters:
-        if name not in linear.lora_A:
-            continue
+    for name in adapter_names(linear):
         a, b = linear.lora_A[name].weight, linear.lora_B[name].weight
         d = (b.float() @ a.float()) * linear.scaling[name]
         delta = d if delta is None else delta + d
@@ -133,7 +138,7 @@ class MergedWeights:
 
     def _write(self, linear, out: torch.Tensor) -> None:
         """out = base + live LoRA delta: one kernel launch for the usual single adapter on the GPU."""
-        adapters = [a for a in linear.active_adapters if a in linear.lora_A] if lora_active(linear) else []
+        adapters = adapter_names(linear) if lora_active(linear) else []
         w = _base(linear).weight
         state = getattr(w, "quant_state", None)
         if len(adapters) == 1 and use_triton(out) and not getattr(state, "packing_format_for_cpu", False):

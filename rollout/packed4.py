@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from kernels.backend import use_triton
 from kernels.nf4 import absmax_fp32
 from kernels.nf4_matmul import nf4_matmul
-from rollout.merged import _base, lora_active
+from rollout.merged import _base, adapter_names, lora_active
 
 
 class NF4Projection:
@@ -31,7 +31,7 @@ class NF4Projection:
 
     def __init__(self, group, dtype: torch.dtype):
         states = [_base(m).weight.quant_state for m in group]
-        self.group, self.dtype = group, dtype
+        self.group = group
         self.out_features = sum(s.shape[0] for s in states)
         self.blocksize = states[0].blocksize
         self.code = states[0].code.float()
@@ -41,7 +41,7 @@ class NF4Projection:
         self.bias = None if all(b is None for b in biases) else torch.cat(
             [b.to(dtype) if b is not None else torch.zeros(s.shape[0], dtype=dtype, device=self.code.device)
              for b, s in zip(biases, states)])
-        rank = sum(m.lora_A[a].weight.shape[0] for m in group for a in _adapters(m))
+        rank = sum(m.lora_A[a].weight.shape[0] for m in group for a in adapter_names(m))
         self.rank = max(16, 1 << max(0, rank - 1).bit_length()) if rank else 0
         in_features = states[0].shape[1]
         self.lora_a = torch.zeros((self.rank, in_features), dtype=dtype, device=self.code.device) if rank else None
@@ -56,7 +56,7 @@ class NF4Projection:
         row, col = 0, 0
         for m in self.group:
             n = _base(m).weight.quant_state.shape[0]
-            for a in _adapters(m):
+            for a in adapter_names(m):
                 wa, wb = m.lora_A[a].weight, m.lora_B[a].weight
                 r = wa.shape[0]
                 if col + r > self.rank:
@@ -91,12 +91,6 @@ def _concatenate_in_place(weights) -> torch.Tensor:
     return flat
 
 
-def _adapters(linear) -> list[str]:
-    if not hasattr(linear, "lora_A"):
-        return []
-    return [a for a in linear.active_adapters if a in linear.lora_A]
-
-
 def _packable(linear) -> bool:
     w = getattr(_base(linear), "weight", None)
     state = getattr(w, "quant_state", None)
@@ -104,7 +98,7 @@ def _packable(linear) -> bool:
         return False
     if state.shape[1] % state.blocksize or not use_triton(w):
         return False  # a block would straddle two rows; or no kernel for this device
-    return not any(getattr(linear, "use_dora", {}).get(a, False) for a in _adapters(linear))
+    return not any(getattr(linear, "use_dora", {}).get(a, False) for a in adapter_names(linear))
 
 
 class PackedLayer:
