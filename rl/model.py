@@ -118,8 +118,13 @@ def _gguf_to_hf_dir(gguf: Path) -> Path:
     """Dequantize a GGUF file once into a cached HF directory (safetensors, fp32) with its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    stat = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    # keyed by content, not by path: every fresh install of the package (a new venv, a CI clone) must find the
+    # same ~0.5 GB conversion instead of adding another
+    digest = hashlib.sha1()
+    with gguf.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    key = digest.hexdigest()[:12]
 
     def fill(tmp: Path):
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
