@@ -3,6 +3,12 @@
     python benchmarks/bench_grpo.py [--shapes qwen2.5-0.5b,qwen2.5-1.5b] [--impls tandem,trl,unsloth]
         [--steps 4] [--completions 8] [--tokens 256] [--json out.json]
     python benchmarks/bench_grpo.py --smoke      # tiny model, CPU, no 4-bit: checks that every path runs
+    python benchmarks/bench_grpo.py --cap-gb 16 --tokens 8192 --shapes llama-3.1-8b   # a 16 GiB card
+
+`--cap-gb` caps every implementation's CUDA caching allocator (torch.cuda.set_per_process_memory_fraction,
+before anything is allocated; Tandem through train.gpu_memory_gb, which sets the same cap and plans within
+it) and turns on each one's memory savers: TRL's gradient checkpointing, Unsloth's offloaded checkpointing,
+Tandem's automatic micro-batch and activation policy. benchmarks/bench_memory.py sweeps it.
 
 `tandem-4bit` is Tandem with rollout.native_decode_4bit (decode batches read the NF4 codes).
 
@@ -28,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPT = "Write a short story about a robot who learns to paint. Make it vivid."
+PHASES: dict[str, float] = {}  # Tandem's per-phase memory metrics, the largest over the steps
 
 
 def token_reward(prompts, completions, completion_ids=None, **kwargs):
@@ -60,7 +67,9 @@ def run_tandem(path: str, a) -> list[float]:
                  "--lora.r", "16", "--lora.alpha", "32", "--rollout.engine", "native",
                  "--rollout.max_tokens", str(a.tokens),
                  "--grpo.num_generations", str(a.completions), "--grpo.prompts_per_step", "1",
-                 "--grpo.loss_type", "dapo", "--grpo.beta", "0", "--train.micro_batch_size", str(a.completions),
+                 "--grpo.loss_type", "dapo", "--grpo.beta", "0",
+                 "--train.micro_batch_size", "auto" if a.cap_gb else str(a.completions),
+                 "--train.gpu_memory_gb", str(a.cap_gb) if a.cap_gb else "null",
                  "--train.max_steps", str(a.steps), "--train.output_dir", f"/tmp/bench-grpo-tandem-{os.getpid()}",
                  "--train.save_every", "0", "--tracking.progress", "false",
                  "--rewards.functions", f"{ROOT / 'benchmarks' / 'bench_grpo.py'}:token_reward",
@@ -70,7 +79,11 @@ def run_tandem(path: str, a) -> list[float]:
     times = []
     for step in range(1, a.steps + 1):
         trainer.step = step
-        times.append(trainer.train_step(step)["timing/step"])
+        metrics = trainer.train_step(step)
+        times.append(metrics["timing/step"])
+        for key, value in metrics.items():  # the phases' peaks, and the plan the scheduler chose
+            if key.startswith(("memory/", "rollout/waves")):
+                PHASES[key] = max(PHASES.get(key, value), value)
     return times
 
 
@@ -80,7 +93,7 @@ def _trl_config(a, **extra):
     return GRPOConfig(output_dir=f"/tmp/bench-grpo-trl-{os.getpid()}", per_device_train_batch_size=a.completions,
                       num_generations=a.completions, max_completion_length=a.tokens, loss_type="dapo", beta=0.0,
                       max_steps=a.steps, learning_rate=1e-5, logging_steps=1, save_strategy="no", report_to=[],
-                      bf16=not a.smoke, use_cpu=a.smoke, **extra)
+                      bf16=not a.smoke, use_cpu=a.smoke, gradient_checkpointing=bool(a.cap_gb), **extra)
 
 
 class _StepTimer:
@@ -135,7 +148,8 @@ def run_unsloth(path: str, a) -> list[float]:
 
     model, tokenizer = FastLanguageModel.from_pretrained(path, max_seq_length=a.tokens + 64, load_in_4bit=True,
                                                          fast_inference=False)
-    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, target_modules=TARGETS)
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, target_modules=TARGETS,
+                                             use_gradient_checkpointing="unsloth" if a.cap_gb else False)
     timer = _StepTimer()
     trainer = GRPOTrainer(model=model, reward_funcs=[token_reward], args=_trl_config(a), train_dataset=_dataset(a),
                           processing_class=_tokenizer(), callbacks=[timer.callback])
@@ -153,11 +167,17 @@ def _tokenizer():
 
 def child(a) -> int:
     path = model_dir(a.shape)
+    if a.cap_gb:
+        import torch
+
+        if torch.cuda.is_available():  # before anything is allocated, as on a card of this size
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, a.cap_gb * 2**30 / total))
     run = {"tandem": run_tandem, "tandem-4bit": run_tandem, "trl": run_trl, "unsloth": run_unsloth}[a.impl]
     times = run(path, a)
     timed = times[1:] or times
-    print(json.dumps(dict(shape=a.shape, impl=a.impl, steps=len(times), s_per_step=statistics.median(timed),
-                          step_times=times, peak_gb=peak_gb())))
+    print(json.dumps(dict(shape=a.shape, impl=a.impl, tokens=a.tokens, steps=len(times),
+                          s_per_step=statistics.median(timed), step_times=times, peak_gb=peak_gb(), **PHASES)))
     return 0
 
 
@@ -169,20 +189,22 @@ def main(argv=None) -> int:
     parser.add_argument("--completions", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--json", help="write all rows here (after every row)")
+    parser.add_argument("--cap-gb", type=float, default=0, help="cap each implementation's GPU memory (GiB)")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, no 4-bit, 2 steps of 8 tokens")
     parser.add_argument("--shape", help=argparse.SUPPRESS)  # set for the child process
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     a = parser.parse_args(argv)
+    if a.impl:  # a child: the parent passes every size explicitly
+        return child(a)
     if a.smoke:
         a.shapes, a.steps, a.tokens, a.completions = "tiny", 2, 8, 4
         a.impls = ",".join(i for i in a.impls.split(",") if i != "unsloth")  # Unsloth needs a GPU
-    if a.impl:
-        return child(a)
     rows = []
     for shape in a.shapes.split(","):
         for impl in a.impls.split(","):
             cmd = [sys.executable, __file__, "--shape", shape, "--impl", impl, "--steps", str(a.steps),
-                   "--completions", str(a.completions), "--tokens", str(a.tokens)] + (["--smoke"] if a.smoke else [])
+                   "--completions", str(a.completions), "--tokens", str(a.tokens), "--cap-gb", str(a.cap_gb)] + (
+                       ["--smoke"] if a.smoke else [])
             env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
             if a.smoke:  # TRL's log-prob kernels are Triton: on a CPU, through Triton's interpreter
                 env["TRITON_INTERPRET"] = "1"

@@ -48,7 +48,9 @@ class ModelSection:
     dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16 | float16
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
     tokenizer: str | None = None  # tokenizer directory; default: the model's own (random models: SmolLM2's)
-    gradient_checkpointing: bool = False
+    # auto: chosen each step from the memory budget (none, checkpointed layers, or checkpointed layers whose
+    # saved inputs wait in host memory) | true | false | offload
+    gradient_checkpointing: bool | str = "auto"
     trust_remote_code: bool = False
     kernels: bool = True  # Tandem's Triton kernels in Llama/Qwen2/Qwen3/Mistral modules (CUDA only)
 
@@ -58,6 +60,13 @@ class ModelSection:
         _one_of("model", "dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
                f"model.device is {self.device!r}; use auto, cpu, cuda or cuda:N")
+        _check(self.gradient_checkpointing in (True, False, "auto", "offload"),
+               f"model.gradient_checkpointing is {self.gradient_checkpointing!r}; use auto, true, false or offload")
+
+    @property
+    def activation_policy(self) -> str | None:
+        """rollout/scheduler.py's name for the setting; None = chosen from the budget."""
+        return {"auto": None, True: "checkpoint", False: "none", "offload": "offload"}[self.gradient_checkpointing]
 
 
 @dataclass
@@ -137,7 +146,9 @@ class GRPOSection:
 class TrainSection:
     max_steps: int = 100
     learning_rate: float = 1e-5
-    micro_batch_size: int = 8  # sequences per forward/backward; gradients accumulate over the step's batch
+    # sequences per forward/backward (gradients accumulate over the step's batch); auto: the most that fit in
+    # the memory budget (8 without a GPU)
+    micro_batch_size: int | str = "auto"
     weight_decay: float = 0.0
     lr_scheduler: str = "constant"  # constant | linear | cosine
     warmup_steps: int = 0
@@ -147,7 +158,8 @@ class TrainSection:
     save_every: int = 50  # steps between checkpoints; 0 = only the final adapter
     keep_checkpoints: int = 2
     save_merged: bool = False  # also write the base model with the adapter merged in
-    gpu_memory_gb: float | None = None  # memory budget; None = the whole card
+    gpu_memory_gb: float | None = None  # memory budget, enforced; None = the whole card
+    memory_margin_gb: float | None = None  # kept free of plans (fragmentation, workspaces); None = 5%, >= 0.5
     num_threads: int = 0  # CPU threads for torch; 0 = torch's default
     max_skipped_steps: int = 5  # a non-finite loss or gradient skips the update; this many in a row stop the run
 
@@ -155,7 +167,9 @@ class TrainSection:
         _check(self.max_steps >= 1, f"train.max_steps is {self.max_steps}; use a positive step count")
         _check(self.learning_rate > 0 and math.isfinite(self.learning_rate),
                f"train.learning_rate is {self.learning_rate}; use a positive value such as 1e-5")
-        _check(self.micro_batch_size >= 1, f"train.micro_batch_size is {self.micro_batch_size}; use >= 1")
+        _check(self.micro_batch_size == "auto" or (isinstance(self.micro_batch_size, int)
+                                                   and self.micro_batch_size >= 1),
+               f"train.micro_batch_size is {self.micro_batch_size!r}; use auto or an integer >= 1")
         _one_of("train", "lr_scheduler", self.lr_scheduler, ("constant", "linear", "cosine"))
         _check(self.warmup_steps >= 0, f"train.warmup_steps is {self.warmup_steps}; use >= 0")
         _check(self.max_grad_norm >= 0, f"train.max_grad_norm is {self.max_grad_norm}; use 0 (off) or > 0")
@@ -164,6 +178,12 @@ class TrainSection:
         _check(self.keep_checkpoints >= 1, f"train.keep_checkpoints is {self.keep_checkpoints}; use >= 1")
         _check(self.gpu_memory_gb is None or self.gpu_memory_gb > 0,
                f"train.gpu_memory_gb is {self.gpu_memory_gb}; use a positive number of GB or null")
+        _check(self.memory_margin_gb is None or self.memory_margin_gb >= 0,
+               f"train.memory_margin_gb is {self.memory_margin_gb}; use a number of GB >= 0 or null")
+
+    @property
+    def fixed_micro_batch(self) -> int | None:
+        return None if self.micro_batch_size == "auto" else self.micro_batch_size
         _check(self.num_threads >= 0, f"train.num_threads is {self.num_threads}; use 0 (default) or > 0")
         _check(self.max_skipped_steps >= 1, f"train.max_skipped_steps is {self.max_skipped_steps}; use >= 1")
 

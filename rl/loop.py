@@ -24,8 +24,9 @@ import yaml
 from rl.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from rl.config import to_dict
 from rl.errors import ConfigError, TrainingError
-from rl.model import load_policy
+from rl.model import load_policy, resolve_device
 from rl.tracking import Tracker
+from rollout.scheduler import MemoryScheduler
 
 log = logging.getLogger("tandem")
 
@@ -79,6 +80,9 @@ class TrainerBase:
             torch.set_num_threads(cfg.train.num_threads)
         torch.manual_seed(cfg.train.seed)
 
+        # the budget is enforced before the first allocation, so that the model's weights count against it
+        self.memory = MemoryScheduler(resolve_device(cfg.model.device), cfg.train.gpu_memory_gb,
+                                      cfg.train.memory_margin_gb)
         self.policy = load_policy(cfg.model, cfg.lora, cfg.train.seed)
         self.model, self.tokenizer = self.policy.model, self.policy.tokenizer
         self.setup()
@@ -88,6 +92,7 @@ class TrainerBase:
                                            weight_decay=cfg.train.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, cfg.train.lr_scheduler, cfg.train.warmup_steps,
                                         self.total_updates())
+        self.memory.attach(self.model, self.optimizer)
         self.step = 0
         self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient, in the whole run
         self.skipped_in_a_row = 0
@@ -164,6 +169,7 @@ class TrainerBase:
     def _optimizer_step(self) -> float:
         """Clip and apply the accumulated gradients, unless they (or the loss) are not finite: then the
         update is skipped, counted (train/skipped_steps) and the learning-rate schedule moves on."""
+        self.memory.before_optimizer_step()  # the optimizer state back on the GPU if the rollout moved it
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.cfg.train.max_grad_norm or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -180,13 +186,7 @@ class TrainerBase:
 
     def _record_peak(self, phase: str, out: dict) -> None:
         """memory/<phase>_peak_gb: the phase's peak of allocated CUDA memory (on CPU: the process's peak RSS)."""
-        if self.policy.device.type == "cuda":
-            out[f"memory/{phase}_peak_gb"] = torch.cuda.max_memory_allocated(self.policy.device) / 2**30
-            torch.cuda.reset_peak_memory_stats(self.policy.device)
-        else:
-            import resource
-
-            out["memory/peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        out.update(self.memory.peak(phase))
 
     # ------------------------------------------------------------------------------------ saving
 

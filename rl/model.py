@@ -263,12 +263,14 @@ class Policy:
     device: torch.device
 
 
-def add_lora(model, cfg, gradient_checkpointing: bool = False):
+def add_lora(model, cfg, activations: str | None = None):
+    """activations: rollout/scheduler.py's policy, set now when fixed (None: the scheduler chooses per step)."""
     from peft import LoraConfig, get_peft_model
 
-    if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+    if activations is not None:
+        from rollout.scheduler import set_activations
+
+        set_activations(model, activations)
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, bias="none",
                       target_modules=cfg.target_modules, task_type="CAUSAL_LM")
     try:
@@ -279,7 +281,7 @@ def add_lora(model, cfg, gradient_checkpointing: bool = False):
 
 def load_policy(model_cfg, lora_cfg, seed: int = 0) -> Policy:
     model, tokenizer = load_base_model(model_cfg, seed)
-    model = add_lora(model, lora_cfg, model_cfg.gradient_checkpointing)
+    model = add_lora(model, lora_cfg, model_cfg.activation_policy)
     device = next(model.parameters()).device
     if model_cfg.kernels and device.type == "cuda":
         from kernels.patch import patch_model

@@ -5,7 +5,8 @@
 
 A step takes `objective.batch_size` examples from the dataset (seeded, resumable, as GRPO takes prompts),
 computes the reference log-probabilities once for the whole batch with the adapters disabled (DPO, KTO),
-then accumulates the objective's gradient over micro-batches of `train.micro_batch_size` sequences, each
+then accumulates the objective's gradient over micro-batches of `train.micro_batch_size` sequences (auto:
+from the memory budget, rollout/scheduler.py; a CUDA OOM halves them and retries the step once), each
 micro-batch's loss scaled so that the sum is the whole batch's loss, and takes one optimizer step. Model
 loading, kernels, checkpoints, resume, tracking and saving are rl/loop.py's, shared with GRPO.
 
@@ -48,7 +49,16 @@ class OfflineTrainer(TrainerBase):
         t0 = time.perf_counter()
         batch = [self.examples[r] for r in self.stream.take(self.cfg.objective.batch_size)]
         self.model.train()
-        metrics = getattr(self, f"_{self.objective}")(batch)
+        per_example = 2 if self.objective in ("dpo", "orpo") else 1
+        tokens = self.cfg.data.max_length if self.objective == "sft" and self.cfg.objective.packing else max(
+            len(e["prompt"]) + max(len(e.get(k, ())) for k in ("chosen", "rejected", "completion")) for e in batch)
+        self.memory.plan_training(None, tokens, len(batch) * per_example, self.cfg.train.fixed_micro_batch,
+                                  self.cfg.model.activation_policy)
+        metrics = self.memory.run_with_backoff(
+            "train", lambda plan: getattr(self, f"_{self.objective}")(batch),
+            reset=lambda: self.optimizer.zero_grad(set_to_none=True))
+        self.memory.observe_training()
+        metrics.update(self.memory.metrics())
         metrics["grad_norm"] = self._optimizer_step()
         metrics["learning_rate"] = self.scheduler.get_last_lr()[0]
         self._record_peak("train", metrics)
@@ -58,7 +68,7 @@ class OfflineTrainer(TrainerBase):
     # ------------------------------------------------------------------------------------ log-probabilities
 
     def _chunks(self, n: int, sequences_per_example: int):
-        size = max(1, self.cfg.train.micro_batch_size // sequences_per_example)
+        size = max(1, self.memory.plan.micro_batch // sequences_per_example)
         return [range(i, min(i + size, n)) for i in range(0, n, size)]
 
     def _sequence_logps(self, prompts, completions) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +97,7 @@ class OfflineTrainer(TrainerBase):
         o, n = self.cfg.objective, len(batch)
         prompts = [e["prompt"] for e in batch]
         ref_sum, ref_mean = self._reference_logps(prompts * 2, [e["chosen"] for e in batch] +
-                                                  [e["rejected"] for e in batch], self.cfg.train.micro_batch_size)
+                                                  [e["rejected"] for e in batch], self.memory.plan.micro_batch)
         ref = ref_mean if o.loss_type == "ipo" else ref_sum
         out = {k: [] for k in ("loss", "chosen", "rejected", "logps_c", "logps_r")}
         for rows in self._chunks(n, 2):
@@ -123,7 +133,7 @@ class OfflineTrainer(TrainerBase):
         return {**_preference_metrics(out), **extra}
 
     def _kto(self, batch: list[dict]) -> dict:
-        o, n, chunk = self.cfg.objective, len(batch), self.cfg.train.micro_batch_size
+        o, n, chunk = self.cfg.objective, len(batch), self.memory.plan.micro_batch
         prompts, completions = [e["prompt"] for e in batch], [e["completion"] for e in batch]
         ref_sum, _ = self._reference_logps(prompts, completions, chunk)
         # the reference point: KL(policy || reference) estimated on mismatched prompt-completion pairs

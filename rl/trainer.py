@@ -9,9 +9,13 @@ One step:
   2. REWARDS   every reward function scores every completion (concurrently); weighted sum per completion.
   3. ADVANTAGE group-relative (rl/objectives.py).
   4. TRAIN     `grpo.num_iterations` optimizer steps over the batch, each accumulating gradients over
-               micro-batches of `train.micro_batch_size` sequences. old_logps are the policy's before the
-               first update (computed only when num_iterations > 1; else the detached current logps, as in
-               TRL); ref_logps come from the same model with adapters disabled, only when beta > 0.
+               micro-batches of `train.micro_batch_size` sequences (auto: the most that fit the memory
+               budget). old_logps are the policy's before the first update (computed only when
+               num_iterations > 1; else the detached current logps, as in TRL); ref_logps come from the same
+               model with adapters disabled, only when beta > 0.
+
+Memory (rollout/scheduler.py): the rollout runs within the budget (optimizer state moved out, waves when the
+KV cache does not fit), and training picks its micro-batch and activation policy from what is left.
 
 The run itself (set-up, loop, checkpoints, saving) is rl/loop.py's TrainerBase. Sampling is seeded per
 step, so a resumed run draws what the uninterrupted run would have drawn.
@@ -88,7 +92,7 @@ class GRPOTrainer(TrainerBase):
         metrics = {**reward_metrics, **self._length_metrics(batch), **train_metrics,
                    "timing/rollout": t1 - t0, "timing/rewards": t2 - t1, "timing/train": t3 - t2,
                    "timing/step": t3 - t0, "throughput/rollout_tokens_per_s": generated / max(t1 - t0, 1e-9),
-                   **phase_memory}
+                   **phase_memory, **self.memory.metrics()}
         if hasattr(self.engine, "last_sync_s"):  # vLLM: the adapter copied into its buffers before the rollout
             metrics["timing/lora_sync"] = self.engine.last_sync_s
         every = self.cfg.tracking.log_completions_every
@@ -114,7 +118,7 @@ class GRPOTrainer(TrainerBase):
         g, rc = self.cfg.grpo.num_generations, self.cfg.rollout
         params = SamplingParams(max_tokens=rc.max_tokens, temperature=rc.temperature, top_p=rc.top_p,
                                 top_k=rc.top_k, n=g, seed=self.cfg.train.seed * 1_000_003 + step)
-        outs = self.engine.generate([self.prompt_ids[r] for r in rows], params)
+        outs = self.memory.generate(self.engine, [self.prompt_ids[r] for r in rows], params)
         flat = [c for group in outs for c in group]  # (P * G) completions, groups contiguous
         texts = [c.text if c.text is not None else self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
                  for c in flat]
@@ -146,7 +150,7 @@ class GRPOTrainer(TrainerBase):
         return total, metrics
 
     def update(self, batch: dict, advantages: torch.Tensor) -> dict:
-        cfg, device = self.cfg, self.policy.device
+        cfg = self.cfg
         n = len(batch["completion_ids"])
         width = max(max(len(c) for c in batch["completion_ids"]), 1)
         lengths = torch.tensor([len(c) for c in batch["completion_ids"]])
@@ -154,47 +158,64 @@ class GRPOTrainer(TrainerBase):
         if cfg.grpo.mask_truncated_completions:
             mask[batch["truncated"]] = 0.0
         sampling = pad_rows(batch["sampling_logps"], width)  # (N, Tmax)
-        mb = cfg.train.micro_batch_size
-        slices = [slice(i, min(i + mb, n)) for i in range(0, n, mb)]
         num_items = float(mask.sum())
-        old = self._logps_no_grad(batch, slices, width) if cfg.grpo.num_iterations > 1 else None
-        ref = None
+        # micro-batch and activation policy from the memory budget; a CUDA OOM halves the micro-batch, once
+        tokens = max(map(len, batch["prompt_ids"])) + width
+        self.memory.plan_training(self.engine, tokens, n, cfg.train.fixed_micro_batch, cfg.model.activation_policy)
+        run = self.memory.run_with_backoff
+        old = ref = None
+        if cfg.grpo.num_iterations > 1:
+            old = run("old logps", lambda plan: self._logps_no_grad(batch, plan.micro_batch, width))
         if cfg.grpo.beta > 0:
             with self.model.disable_adapter():
-                ref = self._logps_no_grad(batch, slices, width)
+                ref = run("reference logps", lambda plan: self._logps_no_grad(batch, plan.micro_batch, width))
 
         totals: dict[str, float] = {}
         self.model.train()
+        discard = lambda: self.optimizer.zero_grad(set_to_none=True)  # noqa: E731 (a partial accumulation)
         for _ in range(cfg.grpo.num_iterations):
-            for s in slices:
-                ids, attn, tc = collate(batch["prompt_ids"][s], batch["completion_ids"][s],
-                                        self.tokenizer.pad_token_id, device)
-                logps, entropy = completion_logps(self.model, ids, attn, tc, cfg.rollout.temperature)
-                m = mask[s, :tc].to(device)
-                old_s = old[s, :tc].to(device) if old is not None else logps.detach()
-                is_w = None
-                if cfg.rollout.importance_sampling_cap > 0:
-                    is_w = torch.exp(old_s - sampling[s, :tc].to(device)).clamp(max=cfg.rollout.importance_sampling_cap)
-                loss, metrics = grpo_loss(
-                    logps, old_s, ref[s, :tc].to(device) if ref is not None else None, advantages[s].to(device), m,
-                    loss_type=cfg.grpo.loss_type, epsilon=cfg.grpo.epsilon, epsilon_high=cfg.grpo.epsilon_high,
-                    beta=cfg.grpo.beta, is_weights=is_w, num_items_in_batch=num_items,
-                    max_completion_length=cfg.rollout.max_tokens)
-                (loss * self._accumulation_scale(s, n, len(slices))).backward()
-                tokens = float(m.sum())
-                metrics["entropy"] = (entropy.detach() * m).sum() / max(tokens, 1.0)
-                if is_w is not None:
-                    metrics["sampling/importance_sampling_ratio/mean"] = (is_w * m).sum() / max(tokens, 1.0)
-                    metrics["sampling/sampling_logp_difference/mean"] = (
-                        (old_s - sampling[s, :tc].to(device)).abs() * m).sum() / max(tokens, 1.0)
-                for k, v in {"loss": loss.detach(), **metrics}.items():
-                    totals[k] = totals.get(k, 0.0) + float(v) * tokens
+            part = run("train", lambda plan: self._accumulate(batch, plan.micro_batch, advantages, mask, sampling,
+                                                              old, ref, num_items), reset=discard)
+            for k, v in part.items():
+                totals[k] = totals.get(k, 0.0) + v
             grad_norm = self._optimizer_step()
+        self.memory.observe_training()
         denom = max(num_items * cfg.grpo.num_iterations, 1.0)
         out = {k: v / denom for k, v in totals.items()}
         out["grad_norm"] = grad_norm
         out["learning_rate"] = self.scheduler.get_last_lr()[0]
         return out
+
+    def _accumulate(self, batch: dict, micro_batch: int, advantages, mask, sampling, old, ref,
+                    num_items: float) -> dict[str, float]:
+        """One pass over the batch in micro-batches, gradients accumulated; -> metric sums weighted by tokens."""
+        cfg, device, n = self.cfg, self.policy.device, len(batch["completion_ids"])
+        slices = [slice(i, min(i + micro_batch, n)) for i in range(0, n, micro_batch)]
+        totals: dict[str, float] = {}
+        for s in slices:
+            ids, attn, tc = collate(batch["prompt_ids"][s], batch["completion_ids"][s],
+                                    self.tokenizer.pad_token_id, device)
+            logps, entropy = completion_logps(self.model, ids, attn, tc, cfg.rollout.temperature)
+            m = mask[s, :tc].to(device)
+            old_s = old[s, :tc].to(device) if old is not None else logps.detach()
+            is_w = None
+            if cfg.rollout.importance_sampling_cap > 0:
+                is_w = torch.exp(old_s - sampling[s, :tc].to(device)).clamp(max=cfg.rollout.importance_sampling_cap)
+            loss, metrics = grpo_loss(
+                logps, old_s, ref[s, :tc].to(device) if ref is not None else None, advantages[s].to(device), m,
+                loss_type=cfg.grpo.loss_type, epsilon=cfg.grpo.epsilon, epsilon_high=cfg.grpo.epsilon_high,
+                beta=cfg.grpo.beta, is_weights=is_w, num_items_in_batch=num_items,
+                max_completion_length=cfg.rollout.max_tokens)
+            (loss * self._accumulation_scale(s, n, len(slices))).backward()
+            tokens = float(m.sum())
+            metrics["entropy"] = (entropy.detach() * m).sum() / max(tokens, 1.0)
+            if is_w is not None:
+                metrics["sampling/importance_sampling_ratio/mean"] = (is_w * m).sum() / max(tokens, 1.0)
+                metrics["sampling/sampling_logp_difference/mean"] = (
+                    (old_s - sampling[s, :tc].to(device)).abs() * m).sum() / max(tokens, 1.0)
+            for k, v in {"loss": loss.detach(), **metrics}.items():
+                totals[k] = totals.get(k, 0.0) + float(v) * tokens
+        return totals
 
     def _accumulation_scale(self, s: slice, n: int, num_slices: int) -> float:
         """Makes the sum of micro-batch losses equal the loss of the whole batch (TRL's semantics)."""
@@ -205,8 +226,10 @@ class GRPOTrainer(TrainerBase):
             return 1.0 / num_slices
         return (s.stop - s.start) / n  # per-sequence means: weight by the micro-batch's share of sequences
 
-    def _logps_no_grad(self, batch: dict, slices: list[slice], width: int) -> torch.Tensor:
-        out = torch.zeros((len(batch["completion_ids"]), width))
+    def _logps_no_grad(self, batch: dict, micro_batch: int, width: int) -> torch.Tensor:
+        n = len(batch["completion_ids"])
+        slices = [slice(i, min(i + micro_batch, n)) for i in range(0, n, micro_batch)]
+        out = torch.zeros((n, width))
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():

@@ -72,24 +72,68 @@ class NativeEngine:
         # read a 4-bit base's codes at small batches (rollout/packed4.py); off by default until its kernel beats
         # merged bf16 weights (benchmarks/NOTES.md: it is latency-bound at decode shapes for now)
         self._packed_ok = read_4bit
-        self._merged_ok = True  # until a build says it cannot be done (or not afforded)
+        self._merged_ok = True  # until a build says these layers cannot be merged
+        self._said_no_room = False
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams,
+                 refresh_weights: bool = True) -> list[list[Completion]]:
+        """refresh_weights=False: the working weights were prepared for this rollout already (prepare(), as
+        the memory scheduler does before running a rollout in waves)."""
         if not prompt_token_ids or any(len(p) == 0 for p in prompt_token_ids):
             raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
+                if refresh_weights:
+                    self.prepare(len(prompt_token_ids) * params.n)
                 run = self._generate_static if self.decoder is not None else self._generate
                 tokens, logps, lengths, stopped = run(prompt_token_ids, params)
         finally:
             self.model.train(was_training)
         return self._completions(tokens, logps, lengths, stopped, len(prompt_token_ids), params.n)
+
+    # ------------------------------------------------------------------ memory (rollout/scheduler.py)
+
+    def rollout_length(self, prompt_width: int, max_tokens: int) -> int:
+        """Positions the KV cache holds for a rollout of prompts `prompt_width` wide."""
+        return max(prompt_width + max_tokens, self.max_length or 0) if self.decoder else prompt_width + max_tokens
+
+    def bytes_per_row(self, length: int) -> int:
+        """Device memory one row of a rollout takes: its KV cache, its token history, and the vocabulary-wide
+        logits, sampling noise and sampling temporaries."""
+        cfg = self.model.config
+        if self.decoder is not None:
+            kv = self.decoder.kv_bytes_per_token()
+        else:  # HF's dynamic cache, grown by concatenation: the layer being extended exists twice for a moment
+            head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+            kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+            element = next(self.model.parameters()).element_size()
+            kv = 2 * (cfg.num_hidden_layers + 1) * kv_heads * head_dim * element
+        return length * (kv + 8 + 4 + 1) + cfg.vocab_size * 4 * 4
+
+    def held_bytes(self, kv_only: bool = False) -> int:
+        """Device memory the engine keeps between rollouts (released by release()): the KV cache and decode
+        state, and unless kv_only the merged working weights."""
+        held = 0
+        if self.state is not None:
+            st = self.state
+            held += sum(t.nbytes for t in (*st.cache.keys, *st.cache.values, st.cache.valid, st.hist_tok,
+                                           st.hist_lp, st.noise))
+        if not kv_only and self.decoder is not None and self.decoder.merged is not None:
+            held += MergedWeights.nbytes(self.decoder)
+        return held
+
+    def prepare(self, rows: int, free_memory=None, reserve: int = 0) -> None:
+        """Working weights for a rollout of `rows` rows, made or refreshed from the live adapters. With
+        free_memory (a callable: bytes still allowed; the memory scheduler's), merged weights are made only if
+        they fit beside `reserve` bytes (the rollout's KV cache)."""
+        if self.decoder is not None:
+            self._prepare_weights(_bucket(rows), free_memory, reserve)
 
     def release(self) -> None:
         """Free the KV cache, the decode state, the captured graphs and the merged weights (the next rollout
@@ -101,7 +145,7 @@ class NativeEngine:
     def _drop_state(self) -> None:
         self.state, self._graphs, self._pool = None, {}, None
 
-    def _prepare_weights(self, rows: int) -> None:
+    def _prepare_weights(self, rows: int, free_memory=None, reserve: int = 0) -> None:
         """Working weights for decoding unless merge_lora is False (then the policy's modules): with read_4bit,
         a 4-bit base's codes with the adapters fused (for batches of up to 16 rows), and merged weights when
         they fit in half the free memory, made only once a larger batch needs them; both refreshed from the
@@ -117,18 +161,25 @@ class NativeEngine:
         if dec.merged is not None:
             dec.merged.refresh()
         elif self._merged_ok and (dec.packed is None or rows > dec.PACKED_MAX_TOKENS):
-            dec.merged = self._build_merged()
-            self._merged_ok = dec.merged is not None
+            dec.merged = self._build_merged(free_memory, reserve)
 
-    def _build_merged(self) -> MergedWeights | None:
+    def _build_merged(self, free_memory=None, reserve: int = 0) -> MergedWeights | None:
         dec = self.decoder
         need = MergedWeights.nbytes(dec)
-        if self.merge_lora is None and dec.device.type == "cuda" and need > torch.cuda.mem_get_info()[0] // 2:
-            log.info("native engine: no merged weights (they would take %.1f GB); decoding through %s", need / 1e9,
-                     "the 4-bit codes" if dec.packed is not None else "the policy's modules")
+        room = free_memory() if free_memory is not None else None
+        if room is not None:  # under a memory budget: only beside the rollout's KV cache; asked again next time
+            room -= reserve
+        elif dec.device.type == "cuda":
+            room = torch.cuda.mem_get_info()[0] // 2
+        if self.merge_lora is None and room is not None and need > room:  # asked again at the next rollout
+            if not self._said_no_room:
+                log.info("native engine: no merged weights (they would take %.1f GB); decoding through %s",
+                         need / 1e9, "the 4-bit codes" if dec.packed is not None else "the policy's modules")
+                self._said_no_room = True
             return None
         merged = MergedWeights.build(dec)
         if merged is None:
+            self._merged_ok = False
             log.info("native engine: these layers cannot be merged (DoRA or another activation); decoding "
                      "through the policy's modules")
         return merged
@@ -149,6 +200,7 @@ class NativeEngine:
         fits = st is not None and st.rows >= rows and st.length >= length and st.vocab == vocab
         if not fits or st.cache.keys[0].dtype != self.decoder.dtype:
             self._drop_state()  # captured graphs point into the old buffers
+            st = None  # the old buffers are freed before the new ones are allocated
             self.state = st = DecodeState.allocate(self.decoder, rows, length, vocab)
         st.cache.valid.zero_()
         return st
@@ -158,7 +210,6 @@ class NativeEngine:
         ids, mask = self._left_padded(prompts)
         width, rows = ids.shape[1], len(prompts) * n
         batch = _bucket(rows)
-        self._prepare_weights(batch)
         st = self._state_for(batch, max(width + params.max_tokens, self.max_length or 0), dec.vocab_size)
         cache = st.cache
         logits = dec.prefill(cache, ids, mask)
