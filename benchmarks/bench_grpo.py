@@ -4,6 +4,7 @@
         [--steps 4] [--completions 8] [--tokens 256] [--json out.json]
     python benchmarks/bench_grpo.py --smoke      # tiny model, CPU, no 4-bit: checks that every path runs
     python benchmarks/bench_grpo.py --cap-gb 16 --tokens 8192 --shapes llama-3.1-8b   # a 16 GiB card
+    python benchmarks/bench_grpo.py --shapes qwen2.5-1.5b --impls tandem --ranks 1,2  # weak scaling, torchrun
 
 `--cap-gb` caps every implementation's CUDA caching allocator (torch.cuda.set_per_process_memory_fraction,
 before anything is allocated; Tandem through train.gpu_memory_gb, which sets the same cap and plans within
@@ -176,7 +177,10 @@ def child(a) -> int:
     run = {"tandem": run_tandem, "tandem-4bit": run_tandem, "trl": run_trl, "unsloth": run_unsloth}[a.impl]
     times = run(path, a)
     timed = times[1:] or times
-    print(json.dumps(dict(shape=a.shape, impl=a.impl, tokens=a.tokens, steps=len(times),
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun: rank 0 reports (its steps wait for every rank's gradients)
+    print(json.dumps(dict(shape=a.shape, impl=a.impl, ranks=int(os.environ.get("WORLD_SIZE", "1")),
+                          tokens=a.tokens, steps=len(times),
                           s_per_step=statistics.median(timed), step_times=times, peak_gb=peak_gb(), **PHASES)))
     return 0
 
@@ -190,6 +194,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--json", help="write all rows here (after every row)")
     parser.add_argument("--cap-gb", type=float, default=0, help="cap each implementation's GPU memory (GiB)")
+    parser.add_argument("--ranks", default="1", help="Tandem under torchrun with these process counts, e.g. 1,2 "
+                        "(one prompt per rank: the weak scaling)")
     parser.add_argument("--smoke", action="store_true", help="tiny model on CPU, no 4-bit, 2 steps of 8 tokens")
     parser.add_argument("--shape", help=argparse.SUPPRESS)  # set for the child process
     parser.add_argument("--impl", help=argparse.SUPPRESS)
@@ -200,32 +206,35 @@ def main(argv=None) -> int:
         a.shapes, a.steps, a.tokens, a.completions = "tiny", 2, 8, 4
         a.impls = ",".join(i for i in a.impls.split(",") if i != "unsloth")  # Unsloth needs a GPU
     rows = []
-    for shape in a.shapes.split(","):
-        for impl in a.impls.split(","):
-            cmd = [sys.executable, __file__, "--shape", shape, "--impl", impl, "--steps", str(a.steps),
-                   "--completions", str(a.completions), "--tokens", str(a.tokens), "--cap-gb", str(a.cap_gb)] + (
-                       ["--smoke"] if a.smoke else [])
-            env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
-            if a.smoke:  # TRL's log-prob kernels are Triton: on a CPU, through Triton's interpreter
-                env["TRITON_INTERPRET"] = "1"
-            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
-            lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-            if out.returncode != 0 or not lines:
-                errors = [line for line in out.stderr.splitlines() if "rror" in line] or out.stderr.splitlines()
-                row = dict(shape=shape, impl=impl, error=(errors or ["?"])[-1][:300])
-            else:
-                row = json.loads(lines[-1])
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            if a.json:
-                Path(a.json).write_text(json.dumps(rows, indent=1))
-    print("| shape | implementation | s/step (median of steps 2..) | peak GB |")
-    print("|---|---|---|---|")
+    cells = [(shape, impl, ranks) for shape in a.shapes.split(",") for impl in a.impls.split(",")
+             for ranks in (map(int, a.ranks.split(",")) if impl.startswith("tandem") else [1])]
+    for shape, impl, ranks in cells:
+        launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                        str(ranks)] if ranks > 1 else [])
+        cmd = launcher + [__file__, "--shape", shape, "--impl", impl, "--steps", str(a.steps),
+                          "--completions", str(a.completions), "--tokens", str(a.tokens),
+                          "--cap-gb", str(a.cap_gb)] + (["--smoke"] if a.smoke else [])
+        env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+        if a.smoke:  # TRL's log-prob kernels are Triton: on a CPU, through Triton's interpreter
+            env["TRITON_INTERPRET"] = "1"
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        if out.returncode != 0 or not lines:
+            errors = [line for line in out.stderr.splitlines() if "rror" in line] or out.stderr.splitlines()
+            row = dict(shape=shape, impl=impl, ranks=ranks, error=(errors or ["?"])[-1][:300])
+        else:
+            row = json.loads(lines[-1])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if a.json:
+            Path(a.json).write_text(json.dumps(rows, indent=1))
+    print("| shape | implementation | processes | s/step (median of steps 2..) | peak GB |")
+    print("|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['shape']} | {r['impl']} | error: {r['error']} | |")
+            print(f"| {r['shape']} | {r['impl']} | {r['ranks']} | error: {r['error']} | |")
         else:
-            print(f"| {r['shape']} | {r['impl']} | {r['s_per_step']:.2f} | {r['peak_gb']:.2f} |")
+            print(f"| {r['shape']} | {r['impl']} | {r['ranks']} | {r['s_per_step']:.2f} | {r['peak_gb']:.2f} |")
     return 0
 
 

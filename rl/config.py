@@ -87,6 +87,9 @@ class LoraSection:
 class RolloutSection:
     engine: str = "auto"  # auto (vLLM when installed, else native) | native | vllm
     max_tokens: int = 256  # completion length cap
+    # rows (completions) decoded at once; 0 = as many as fit the memory budget. G makes every prompt its own
+    # wave, seeded by its index in the step: samples then do not depend on how prompts are split over ranks
+    max_rows: int = 0
     max_prompt_tokens: int = 512  # longer prompts are refused with the row that has them
     temperature: float = 1.0
     top_p: float = 1.0
@@ -104,6 +107,7 @@ class RolloutSection:
     def __post_init__(self):
         _one_of("rollout", "engine", self.engine, ("auto", "native", "vllm"))
         _check(self.max_tokens > 0, f"rollout.max_tokens is {self.max_tokens}; use a positive token count")
+        _check(self.max_rows >= 0, f"rollout.max_rows is {self.max_rows}; use 0 (as many as fit) or a row count")
         _check(self.max_prompt_tokens > 0,
                f"rollout.max_prompt_tokens is {self.max_prompt_tokens}; use a positive token count")
         _check(self.temperature > 0, f"rollout.temperature is {self.temperature}; GRPO needs sampling, "

@@ -8,8 +8,9 @@ GRPO (rl/trainer.py) and the objectives without a rollout (rl/offline.py: DPO, O
 subclasses: they differ in where a batch comes from and in the loss, not in how a run is kept.
 `self.stream` (rl/data.py's PromptStream) is the data position saved in checkpoints.
 
-Rank and world size come from torch.distributed when it is initialized, so that data parallelism can be
-added without changing the loop.
+Under torchrun every rank runs this loop (rl/distributed.py): subclasses take their rank's share of each
+step's data, gradients are averaged over ranks before each optimizer step, metrics are averaged over ranks
+and rank 0 writes them and the checkpoints.
 """
 
 from __future__ import annotations
@@ -23,18 +24,13 @@ import yaml
 
 from rl.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from rl.config import to_dict
+from rl.distributed import average_gradients, finish, init_from_env, mean_over_ranks
 from rl.errors import ConfigError, TrainingError
 from rl.model import load_policy, resolve_device
 from rl.tracking import Tracker
 from rollout.scheduler import MemoryScheduler
 
 log = logging.getLogger("tandem")
-
-
-def dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def make_scheduler(optimizer, kind: str, warmup: int, total: int):
@@ -73,7 +69,7 @@ def pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
 class TrainerBase:
     def __init__(self, cfg, resume: str | None = None):
         self.cfg = cfg
-        self.rank, self.world = dist_info()
+        self.rank, self.world = init_from_env()  # torchrun's process group, or a world of one
         self.out = Path(cfg.train.output_dir)
         self._check_output_dir(resume)
         if cfg.train.num_threads:
@@ -102,6 +98,12 @@ class TrainerBase:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.tracker = Tracker(self.out, cfg.tracking, to_dict(cfg), cfg.train.max_steps, self.step, self.rank)
+
+    def take(self, per_rank: int) -> list[int]:
+        """This rank's rows of the step: every rank draws world x per_rank rows from the same seeded stream
+        (so the stream's position is the same everywhere) and keeps its own slice."""
+        rows = self.stream.take(per_rank * self.world)
+        return rows[self.rank * per_rank:(self.rank + 1) * per_rank]
 
     # ------------------------------------------------------------------------------------ for subclasses
 
@@ -146,10 +148,11 @@ class TrainerBase:
 
     def train(self) -> None:
         cfg = self.cfg.train
+        ok = False
         try:
             while self.step < cfg.max_steps:
                 self.step += 1
-                metrics = self.train_step(self.step)
+                metrics = mean_over_ranks(self.train_step(self.step))
                 metrics["train/skipped_steps"] = self.skipped_steps
                 self.tracker.log(self.step, metrics)
                 if self.skipped_in_a_row >= cfg.max_skipped_steps:
@@ -163,14 +166,20 @@ class TrainerBase:
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                     self.save_checkpoint()
             self.save_final()
+            ok = True
         finally:
             self.tracker.close()
+            engine = getattr(self, "engine", None)  # GRPO's: shut down while the process group is there
+            if hasattr(engine, "close"):
+                engine.close()
+            finish(ok)
 
     def _optimizer_step(self) -> float:
         """Clip and apply the accumulated gradients, unless they (or the loss) are not finite: then the
         update is skipped, counted (train/skipped_steps) and the learning-rate schedule moves on."""
         self.memory.before_optimizer_step()  # the optimizer state back on the GPU if the rollout moved it
         params = [p for p in self.model.parameters() if p.requires_grad]
+        average_gradients(params)  # over data-parallel ranks (each rank's loss is its share of the batch's)
         max_norm = self.cfg.train.max_grad_norm or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         if math.isfinite(grad_norm):

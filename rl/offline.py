@@ -47,7 +47,7 @@ class OfflineTrainer(TrainerBase):
 
     def train_step(self, step: int) -> dict:
         t0 = time.perf_counter()
-        batch = [self.examples[r] for r in self.stream.take(self.cfg.objective.batch_size)]
+        batch = [self.examples[r] for r in self.take(self.cfg.objective.batch_size)]  # this rank's share
         self.model.train()
         per_example = 2 if self.objective in ("dpo", "orpo") else 1
         tokens = self.cfg.data.max_length if self.objective == "sft" and self.cfg.objective.packing else max(

@@ -29,8 +29,10 @@ import time
 
 import torch
 
+from rl import distributed
 from rl.config import GRPORunConfig
 from rl.data import PromptStream, is_chat, load_dataset, tokenize_all
+from rl.errors import ConfigError
 from rl.logprobs import completion_logps
 from rl.loop import TrainerBase, collate, pad_rows
 from rl.model import resolve_source
@@ -60,6 +62,7 @@ class GRPOTrainer(TrainerBase):
                                                               "on_error": cfg.rewards.code_on_error}})
         self._preflight_rewards()
         self.engine = self._make_engine()
+        self.memory.max_rows = cfg.rollout.max_rows or None
 
     def total_updates(self) -> int:
         return self.cfg.train.max_steps * self.cfg.grpo.num_iterations
@@ -78,12 +81,15 @@ class GRPOTrainer(TrainerBase):
     def train_step(self, step: int) -> dict:
         phase_memory: dict[str, float] = {}
         t0 = time.perf_counter()
-        rows = self.stream.take(self.cfg.grpo.prompts_per_step)
+        rows = self.take(self.cfg.grpo.prompts_per_step)
         batch = self.rollout(rows, step)
         self._record_peak("rollout", phase_memory)
         t1 = time.perf_counter()
         rewards, reward_metrics = self.score(batch)
-        advantages = group_advantages(rewards, self.cfg.grpo.num_generations, self.cfg.grpo.scale_rewards)
+        # from every rank's rewards (groups never straddle ranks; scale_rewards batch needs them all)
+        grpo = self.cfg.grpo
+        everyone = group_advantages(distributed.gather(rewards), grpo.num_generations, grpo.scale_rewards)
+        advantages = everyone[self.rank * len(rewards):(self.rank + 1) * len(rewards)]
         t2 = time.perf_counter()
         train_metrics = self.update(batch, advantages)
         self._record_peak("train", phase_memory)
@@ -107,6 +113,7 @@ class GRPOTrainer(TrainerBase):
         model_dir = None
         if cfg.rollout.engine != "native" and unsupported_reason() is None:
             model_dir, _ = resolve_source(cfg.model.name, cfg.train.seed, need_dir=True)  # what vLLM loads
+            self._check_vllm_share()
         return make_engine(cfg.rollout.engine, self.model, self.tokenizer, model_dir=model_dir, lora_rank=cfg.lora.r,
                            max_model_len=cfg.rollout.max_prompt_tokens + cfg.rollout.max_tokens,
                            kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
@@ -114,11 +121,26 @@ class GRPOTrainer(TrainerBase):
                            share_weights=cfg.rollout.vllm_share_weights, seed=cfg.train.seed,
                            decode_4bit=cfg.rollout.native_decode_4bit)
 
+    def _check_vllm_share(self) -> None:
+        """vLLM sizes itself as a fraction of the whole card, which must leave training room in the budget."""
+        cfg, budget = self.cfg, self.memory.budget
+        if not self.memory.cuda or cfg.train.gpu_memory_gb is None:
+            return
+        card = torch.cuda.get_device_properties(self.policy.device).total_memory
+        share = cfg.rollout.vllm_gpu_memory_utilization * card
+        if share > budget / 2:
+            raise ConfigError(
+                f"rollout.vllm_gpu_memory_utilization {cfg.rollout.vllm_gpu_memory_utilization} is "
+                f"{share / 2**30:.1f} GiB of this card, more than half of train.gpu_memory_gb "
+                f"{cfg.train.gpu_memory_gb}: vLLM would leave training no room. Use at most "
+                f"{budget / 2 / card:.3f}, or rollout.engine native (it sizes its KV cache per step)")
+
     def rollout(self, rows: list[int], step: int) -> dict:
         g, rc = self.cfg.grpo.num_generations, self.cfg.rollout
         params = SamplingParams(max_tokens=rc.max_tokens, temperature=rc.temperature, top_p=rc.top_p,
                                 top_k=rc.top_k, n=g, seed=self.cfg.train.seed * 1_000_003 + step)
-        outs = self.memory.generate(self.engine, [self.prompt_ids[r] for r in rows], params)
+        outs = self.memory.generate(self.engine, [self.prompt_ids[r] for r in rows], params,
+                                    prompt_offset=self.rank * len(rows))
         flat = [c for group in outs for c in group]  # (P * G) completions, groups contiguous
         texts = [c.text if c.text is not None else self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
                  for c in flat]
@@ -158,7 +180,10 @@ class GRPOTrainer(TrainerBase):
         if cfg.grpo.mask_truncated_completions:
             mask[batch["truncated"]] = 0.0
         sampling = pad_rows(batch["sampling_logps"], width)  # (N, Tmax)
-        num_items = float(mask.sum())
+        # the tokens of the whole step, over ranks, divided by the world: DAPO's token mean on each rank is
+        # then its share of the step's x world, and the gradients' average over ranks the step's gradient
+        num_items = distributed.total(float(mask.sum())) / self.world
+        local_items = float(mask.sum())
         # micro-batch and activation policy from the memory budget; a CUDA OOM halves the micro-batch, once
         tokens = max(map(len, batch["prompt_ids"])) + width
         self.memory.plan_training(self.engine, tokens, n, cfg.train.fixed_micro_batch, cfg.model.activation_policy)
@@ -180,7 +205,7 @@ class GRPOTrainer(TrainerBase):
                 totals[k] = totals.get(k, 0.0) + v
             grad_norm = self._optimizer_step()
         self.memory.observe_training()
-        denom = max(num_items * cfg.grpo.num_iterations, 1.0)
+        denom = max(local_items * cfg.grpo.num_iterations, 1.0)
         out = {k: v / denom for k, v in totals.items()}
         out["grad_norm"] = grad_norm
         out["learning_rate"] = self.scheduler.get_last_lr()[0]

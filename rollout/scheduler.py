@@ -138,6 +138,7 @@ class MemoryScheduler:
         self._train_base = 0
         self.backoffs = 0  # OOM back-offs in the whole run
         self.last_waves = self.last_rows = 1  # the last rollout's waves and rows per wave
+        self.prompt_offset = 0
         self.plan: TrainPlan | None = None
 
     def attach(self, model, optimizer) -> None:
@@ -233,14 +234,18 @@ class MemoryScheduler:
 
     # ------------------------------------------------------------------------------------ rollout
 
-    def generate(self, engine, prompts: list[list[int]], params):
-        """engine.generate within the budget: room made, rows per wave from what is free, one retry on OOM."""
+    def generate(self, engine, prompts: list[list[int]], params, prompt_offset: int = 0):
+        """engine.generate within the budget: room made, rows per wave from what is free, one retry on OOM.
+        prompt_offset: the first prompt's index in the whole step's batch (data parallelism: the rank's
+        share starts there); waves are seeded by it, so a prompt alone in its wave draws the same samples
+        on whichever rank, and in whichever wave, it lands."""
         if self.offload_optimizer_setting or (self.offload_optimizer_setting is None and self.cuda):
             self.offload_optimizer()  # a few ms for LoRA's moments; their room goes to the KV cache
+        self.prompt_offset = prompt_offset
         per_row = getattr(engine, "bytes_per_row", None)
         if per_row is None or (self.budget is None and self.max_rows is None):
             self.last_waves = 1  # vLLM sizes and schedules its own KV cache
-            return engine.generate(prompts, params)
+            return engine.generate(prompts, replace(params, seed=self._wave_seed(params, 0, 0)))
         length = engine.rollout_length(max(map(len, prompts)), params.max_tokens)
         row_bytes = per_row(length)
         rows = self.last_rows = len(prompts) * params.n
@@ -275,15 +280,21 @@ class MemoryScheduler:
             log.info("rollout: %d rows in %d waves of at most %d (%.2f GiB of KV cache per row, %.2f GiB free)",
                      len(prompts) * params.n, len(waves), max_rows, row_bytes / GIB, (free or 0) / GIB)
         prepared = {"refresh_weights": False} if hasattr(engine, "prepare") else {}
-        if len(waves) == 1:
-            return engine.generate(prompts, params, **prepared)
         groups: list[list] = [[] for _ in prompts]
-        for i, (first, count, n) in enumerate(waves):
-            seed = None if params.seed is None else params.seed + 7919 * i  # waves seeded apart, reproducibly
-            outs = engine.generate(prompts[first:first + count], replace(params, n=n, seed=seed), **prepared)
-            for j, group in enumerate(outs):
+        parts = [0] * len(prompts)  # waves so far that began at each prompt (a split group's parts)
+        for first, count, n in waves:
+            wave_params = replace(params, n=n, seed=self._wave_seed(params, first, parts[first]))
+            parts[first] += 1
+            for j, group in enumerate(engine.generate(prompts[first:first + count], wave_params, **prepared)):
                 groups[first + j].extend(group)
         return groups
+
+    def _wave_seed(self, params, first: int, part: int) -> int | None:
+        """A wave's sampling seed: from the step's, its first prompt's index in the whole batch and, for a
+        group split over waves, the part; the whole batch in one wave on one rank keeps the step's seed."""
+        if params.seed is None:
+            return None
+        return params.seed + 7919 * (self.prompt_offset + first) + 104729 * part
 
     def _rollout_error(self, row_bytes: int, length: int, when: str) -> TrainingError:
         message = (f"rollout: out of GPU memory {when}: one row of {length} tokens needs {row_bytes / GIB:.2f} GiB "

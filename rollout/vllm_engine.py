@@ -260,6 +260,12 @@ class VLLMEngine:
         self._sleep()
         return groups
 
+    def close(self) -> None:
+        """Shut vLLM's engine down now. Its own finalizer would run at interpreter exit, after a torchrun
+        process group it builds its (size-one) parallel groups on is gone, and fail there."""
+        if getattr(self, "llm", None) is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+
     def _wake(self) -> None:
         if torch.cuda.is_available() and self.llm.llm_engine.is_sleeping():
             self.llm.wake_up()  # the KV cache back, scheduling resumed

@@ -1,0 +1,134 @@
+"""Data-parallel GRPO and DPO through torchrun, on the CPU (gloo, 2 processes), against one process.
+
+With rollout.max_rows = G every prompt is its own rollout wave, seeded by its index in the step's batch,
+so 2 ranks x 1 prompt draw exactly the completions of 1 rank x 2 prompts; the LoRA update must then agree
+within fp32 tolerance (only the order of the gradient sums differs).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+REWARD = ROOT / "tests" / "reward_fns.py"
+
+
+def _config(tmp_path: Path, name: str, prompts_per_rank: int, steps: int, **extra) -> Path:
+    cfg = {
+        "model": {"name": "random:tiny", "device": "cpu"},
+        "lora": {"r": 8},
+        "rollout": {"engine": "native", "max_tokens": 8, "max_prompt_tokens": 64, "max_rows": 4},
+        "grpo": {"num_generations": 4, "prompts_per_step": prompts_per_rank},
+        "data": {"task": "arithmetic", "num_examples": 16},
+        "rewards": {"functions": [f"{REWARD}:token_reward"]},
+        "train": {"max_steps": steps, "learning_rate": 1e-2, "micro_batch_size": 4, "save_every": 1,
+                  "output_dir": str(tmp_path / name), "num_threads": 1},
+        "tracking": {"progress": False},
+    }
+    for section, values in extra.items():
+        cfg[section].update(values)
+    path = tmp_path / f"{name}.json"  # YAML is a superset of JSON
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _run(args: list[str], processes: int = 1, module: str = "rl.grpo"):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                str(processes)] if processes > 1 else [sys.executable]
+    out = subprocess.run([*launcher, "-m", module, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out
+
+
+def _adapter(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """2 ranks x 1 prompt for 2 steps; 1 rank x 2 prompts for 3 steps; the first resumed on 1 rank to step 3."""
+    tmp = tmp_path_factory.mktemp("dp")
+    two = _config(tmp, "two", 1, 2)
+    _run(["--config", str(two)], processes=2)
+    one = _config(tmp, "one", 2, 3)
+    _run(["--config", str(one)])
+    _run(["--config", str(two), "--resume", "--train.max_steps", "3", "--grpo.prompts_per_step", "2"])
+    return tmp
+
+
+def test_two_ranks_train_as_one_rank_with_both_prompts(runs):
+    # the 2-rank run's adapter after step 2 is in its checkpoint
+    two = load_file(runs / "two" / "checkpoints" / "step-000002" / "adapter_model.safetensors")
+    one = load_file(runs / "one" / "checkpoints" / "step-000002" / "adapter_model.safetensors")
+    assert two.keys() == one.keys() and two
+    moved = [k for k in two if "lora_B" in k and two[k].abs().sum() > 0]  # lora_B starts at zero: it trained
+    assert moved
+    for k in two:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+
+
+def test_a_two_rank_run_writes_one_metrics_file_of_means_over_ranks(runs):
+    two, one = _metrics(runs / "two"), _metrics(runs / "one")
+    assert [r["step"] for r in two] == [1, 2, 3]  # steps 1-2 from 2 ranks, step 3 from the 1-rank resume
+    assert not list((runs / "two").glob("metrics*.jsonl"))[1:]  # one file, written by rank 0
+    for a, b in zip(two[:2], one[:2]):
+        for key in ("reward", "reward_std", "completions/mean_length"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+        # the gradient itself, before Adam (whose update would hide a wrong scale)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), "grad_norm"
+
+
+def test_a_two_rank_checkpoint_resumes_on_one_rank(runs):
+    """Resumed on 1 rank with 2 prompts a step, step 3 is the uninterrupted 1-rank run's step 3: the data
+    position, the optimizer state and the adapter all carried over."""
+    two, one = _metrics(runs / "two"), _metrics(runs / "one")
+    assert two[2]["reward"] == pytest.approx(one[2]["reward"], rel=1e-6)
+    final_two, final_one = _adapter(runs / "two"), _adapter(runs / "one")
+    for k in final_one:
+        torch.testing.assert_close(final_two[k], final_one[k], rtol=1e-4, atol=1e-5)
+
+
+def test_data_parallel_dpo_matches_one_process(tmp_path):
+    """DPO's batch split over 2 ranks (objective.batch_size per rank) gives the single process's update."""
+    base = ["--config", str(ROOT / "examples" / "dpo.yaml"), "--model.name", "random:tiny", "--model.device", "cpu",
+            "--train.max_steps", "1", "--train.save_every", "0", "--train.num_threads", "1",
+            "--train.micro_batch_size", "2", "--tracking.progress", "false"]
+    _run([*base, "--objective.batch_size", "2", "--train.output_dir", str(tmp_path / "two")], 2, "rl.dpo")
+    _run([*base, "--objective.batch_size", "4", "--train.output_dir", str(tmp_path / "one")], 1, "rl.dpo")
+    two, one = _adapter(tmp_path / "two"), _adapter(tmp_path / "one")
+    assert any(v.abs().sum() > 0 for k, v in one.items() if "lora_B" in k)
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.vllm
+def test_each_rank_generates_with_its_own_vllm_engine(tmp_path):
+    """vLLM in every rank's process (tensor parallel 1 on the torchrun group), shut down cleanly."""
+    pytest.importorskip("vllm")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "model: {name: smollm2-135m-instruct, dtype: bfloat16}\n"
+        "lora: {r: 8}\n"
+        "rollout: {engine: vllm, max_tokens: 12, max_prompt_tokens: 128, vllm_kv_cache_gb: 0.5}\n"
+        "grpo: {num_generations: 4, prompts_per_step: 1}\n"
+        "data: {task: arithmetic, num_examples: 16}\n"
+        "rewards: {functions: [math_accuracy]}\n"
+        f"train: {{max_steps: 2, save_every: 0, micro_batch_size: 8, num_threads: 1, output_dir: {tmp_path / 'run'}}}\n"
+        "tracking: {progress: false}\n")
+    out = _run(["--config", str(config)], processes=2)
+    assert out.stderr.count("rollout engine: vLLM") == 2
+    assert "Traceback" not in out.stderr
+    assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 2]
