@@ -1,7 +1,8 @@
 """What fits in a 16 GiB card: GRPO steps under a memory cap, by model shape and completion length.
 
     python benchmarks/bench_memory.py [--cap-gb 16] [--shapes qwen2.5-1.5b,qwen2.5-7b,llama-3.1-8b]
-        [--lengths 1024,4096,8192,16384,32768] [--impls tandem,trl,unsloth] [--steps 2] [--cell-timeout 1200]
+        [--lengths 1024,4096,8192,16384,32768] [--impls tandem-4bit,trl,unsloth] [--steps 1]
+        [--cell-timeout 1200]
     python benchmarks/bench_memory.py --smoke     # tiny model on the CPU: checks that the sweep runs
 
 Each cell is one benchmarks/bench_grpo.py process with `--cap-gb` (every implementation's CUDA allocator
@@ -12,6 +13,9 @@ about 1 GiB more of bf16 embeddings and head at 8B, for every implementation ali
 Tandem's peak per phase and the plan its scheduler chose (micro-batch, activation policy, rollout waves),
 every implementation's overall peak and seconds per step, or OOM. For each implementation the lengths run
 in increasing order and stop at its first OOM: its largest length that fits is the last row before it.
+One step by default (the peaks are the first step's; its time includes one-time costs such as CUDA graph
+capture): a step of 8 x 32K tokens is minutes for any of them. Tandem runs as `tandem-4bit` (decode batches
+of up to 16 rows read the 4-bit codes, with no merged bf16 copy: the memory-lean path).
 """
 
 from __future__ import annotations
@@ -66,8 +70,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cap-gb", type=float, default=16.0)
     parser.add_argument("--shapes", default="qwen2.5-1.5b,qwen2.5-7b,llama-3.1-8b")
     parser.add_argument("--lengths", default="1024,4096,8192,16384,32768")
-    parser.add_argument("--impls", default="tandem,trl,unsloth")
-    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--impls", default="tandem-4bit,trl,unsloth")
+    parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--completions", type=int, default=8)
     parser.add_argument("--cell-timeout", type=int, default=1200, help="seconds for one cell")
     parser.add_argument("--json", help="write all rows here (after every row)")

@@ -206,14 +206,17 @@ class GRPOTrainer(TrainerBase):
             grad_norm = self._optimizer_step()
         self.memory.observe_training()
         denom = max(local_items * cfg.grpo.num_iterations, 1.0)
+        loss = totals.pop("loss", 0.0)
         out = {k: v / denom for k, v in totals.items()}
+        out["loss"] = loss / cfg.grpo.num_iterations
         out["grad_norm"] = grad_norm
         out["learning_rate"] = self.scheduler.get_last_lr()[0]
         return out
 
     def _accumulate(self, batch: dict, micro_batch: int, advantages, mask, sampling, old, ref,
                     num_items: float) -> dict[str, float]:
-        """One pass over the batch in micro-batches, gradients accumulated; -> metric sums weighted by tokens."""
+        """One pass over the batch in micro-batches, gradients accumulated; -> metric sums weighted by tokens,
+        and under "loss" the batch's loss (the micro-batches' losses as scaled for the accumulation, summed)."""
         cfg, device, n = self.cfg, self.policy.device, len(batch["completion_ids"])
         slices = [slice(i, min(i + micro_batch, n)) for i in range(0, n, micro_batch)]
         totals: dict[str, float] = {}
@@ -231,14 +234,16 @@ class GRPOTrainer(TrainerBase):
                 loss_type=cfg.grpo.loss_type, epsilon=cfg.grpo.epsilon, epsilon_high=cfg.grpo.epsilon_high,
                 beta=cfg.grpo.beta, is_weights=is_w, num_items_in_batch=num_items,
                 max_completion_length=cfg.rollout.max_tokens)
-            (loss * self._accumulation_scale(s, n, len(slices))).backward()
+            scale = self._accumulation_scale(s, n, len(slices))
+            (loss * scale).backward()
+            totals["loss"] = totals.get("loss", 0.0) + float(loss) * scale
             tokens = float(m.sum())
             metrics["entropy"] = (entropy.detach() * m).sum() / max(tokens, 1.0)
             if is_w is not None:
                 metrics["sampling/importance_sampling_ratio/mean"] = (is_w * m).sum() / max(tokens, 1.0)
                 metrics["sampling/sampling_logp_difference/mean"] = (
                     (old_s - sampling[s, :tc].to(device)).abs() * m).sum() / max(tokens, 1.0)
-            for k, v in {"loss": loss.detach(), **metrics}.items():
+            for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v) * tokens
         return totals
 

@@ -137,10 +137,11 @@ class NativeEngine:
 
     def release(self) -> None:
         """Free the KV cache, the decode state, the captured graphs and the merged weights (the next rollout
-        makes them again)."""
+        makes them again). The packed 4-bit weights stay: their codes are the policy's own weights (views),
+        and a rebuild would hold a second copy of them for a moment."""
         self._drop_state()
         if self.decoder is not None:
-            self.decoder.merged = self.decoder.packed = None
+            self.decoder.merged = None
 
     def _drop_state(self) -> None:
         self.state, self._graphs, self._pool = None, {}, None

@@ -139,3 +139,17 @@ def test_too_many_non_finite_steps_stop_the_run_with_the_checkpoint_intact(tmp_p
     resumed = GRPOTrainer(run_config(tmp_path, train={"max_steps": 6, "save_every": 1}), resume="latest")
     assert resumed.step == 3
     assert all(torch.isfinite(v).all() for v in lora_state(resumed.model).values())
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo"])
+def test_the_reported_loss_is_the_batch_loss_whatever_the_micro_batch(tmp_path, loss_type):
+    """`loss` is the whole batch's objective: the same with micro-batches of 8 and of 2 sequences. Two
+    iterations: in the first the ratio is 1 and the group-centred advantages make the loss ~0."""
+    losses = []
+    for mb in (8, 2):
+        cfg = run_config(tmp_path / f"mb{mb}", grpo={"loss_type": loss_type, "num_iterations": 2},
+                         train={"max_steps": 1, "micro_batch_size": mb})
+        GRPOTrainer(cfg).train()
+        losses.append(read_metrics(tmp_path / f"mb{mb}" / "run" / "metrics.jsonl")[0]["loss"])
+    assert abs(losses[0]) > 1e-4
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
