@@ -236,7 +236,7 @@ class GRPOTrainer(TrainerBase):
                 max_completion_length=cfg.rollout.max_tokens)
             scale = self._accumulation_scale(s, n, len(slices))
             (loss * scale).backward()
-            totals["loss"] = totals.get("loss", 0.0) + float(loss) * scale
+            totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * scale
             tokens = float(m.sum())
             metrics["entropy"] = (entropy.detach() * m).sum() / max(tokens, 1.0)
             if is_w is not None:

@@ -135,7 +135,7 @@ class MemoryScheduler:
         self._host: dict[tuple[int, str], torch.Tensor] = {}  # (param id, state key) -> host copy, reused
         self._grads: dict[torch.nn.Parameter, torch.Tensor] = {}  # gradients waiting on the host
         self._measured: dict[str, float] = {}  # activation bytes per token, by policy, from measured peaks
-        self._train_base = 0
+        self._train_base = self._train_fixed = 0
         self.backoffs = 0  # OOM back-offs in the whole run
         self.last_waves = self.last_rows = 1  # the last rollout's waves and rows per wave
         self.prompt_offset = 0
@@ -365,13 +365,14 @@ class MemoryScheduler:
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._train_base = self.allocated()
+            self._train_fixed = self._fixed_bytes(plan.tokens)  # with the optimizer state still out, if it is
 
     def observe_training(self) -> None:
         """Replace the estimate for the plan's activation policy with what this step's peak measured."""
         plan = self.plan
         if not self.cuda or plan is None:
             return
-        peak = torch.cuda.max_memory_allocated(self.device) - self._train_base - self._fixed_bytes(plan.tokens)
+        peak = torch.cuda.max_memory_allocated(self.device) - self._train_base - self._train_fixed
         per_token = peak / (plan.micro_batch * plan.tokens)
         if per_token > 0:
             self._measured[plan.activations] = max(per_token, self._measured.get(plan.activations, 0.0))
