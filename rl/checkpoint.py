@@ -1,8 +1,11 @@
 """Checkpoints written atomically: a run killed at any instant leaves the previous checkpoint intact.
 
 Layout of `<output_dir>/checkpoints/step-000042/`:
-    adapter_model.safetensors, adapter_config.json   the LoRA adapter in PEFT's format
-    optimizer.pt                                     optimizer and LR-scheduler state
+    adapter_model.safetensors, adapter_config.json   the LoRA adapter in PEFT's format, or
+    model*.safetensors, config.json                  the whole model (lora.enabled false), gathered from
+                                                     every rank when sharded
+    optimizer.pt                                     optimizer and LR-scheduler state (full-parameter runs:
+                                                     keyed by parameter names, loadable at any world size)
     trainer_state.json                               step, data position, RNG states' companion
     rng.pt                                           torch / CUDA / python / numpy RNG states
     COMPLETE                                         written last; a directory without it is ignored
@@ -59,7 +62,9 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int,
+                    optimizer_state: dict | None = None) -> Path:
+    """optimizer_state: what to write for the optimizer instead of optimizer.state_dict()."""
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-step-*"):  # left by a run killed while writing: never complete, safe to drop
         shutil.rmtree(stale, ignore_errors=True)
@@ -67,7 +72,9 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step:06d}-"))
     try:
         model.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        torch.save({"optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+                    "scheduler": scheduler.state_dict(), "by_name": optimizer_state is not None},
+                   tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=1))
         (tmp / MARKER).write_text(str(step))
@@ -98,17 +105,31 @@ def list_checkpoints(root: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    """Restores adapter weights, optimizer, scheduler and RNG; returns the trainer state (step, data...)."""
-    from peft import set_peft_model_state_dict
+    """Restores the weights (adapter or whole model), optimizer, scheduler and RNG; returns the trainer state
+    (step, data...). A whole model's checkpoint loads into a sharded model on every rank, or into a plain one."""
     from safetensors.torch import load_file
 
-    weights = load_file(path / "adapter_model.safetensors", device=str(next(model.parameters()).device))
-    result = set_peft_model_state_dict(model, weights)
-    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
-    if missing:
-        raise RuntimeError(f"checkpoint {path} does not match the model's adapters (missing {missing[:3]}...)")
     opt = torch.load(path / "optimizer.pt", weights_only=False)
-    optimizer.load_state_dict(opt["optimizer"])
+    adapter = path / "adapter_model.safetensors"
+    lora = hasattr(model, "peft_config")
+    if adapter.is_file() != lora:
+        held, trained = ("a LoRA adapter", "the whole model") if adapter.is_file() else ("a whole model", "LoRA")
+        raise RuntimeError(f"checkpoint {path} holds {held} but this run trains {trained}; resume with the "
+                           "lora.enabled of the run that wrote it")
+    if adapter.is_file():
+        from peft import set_peft_model_state_dict
+
+        weights = load_file(adapter, device=str(next(model.parameters()).device))
+        result = set_peft_model_state_dict(model, weights)
+        missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+        if missing:
+            raise RuntimeError(f"checkpoint {path} does not match the model's adapters (missing {missing[:3]}...)")
+        optimizer.load_state_dict(opt["optimizer"])
+    else:
+        from rl.distributed import load_full_states
+
+        weights = {k: v for f in sorted(path.glob("model*.safetensors")) for k, v in load_file(f).items()}
+        load_full_states(model, optimizer, weights, opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])
     set_rng_state(torch.load(path / "rng.pt", weights_only=False))
     return json.loads((path / "trainer_state.json").read_text())

@@ -71,6 +71,8 @@ class ModelSection:
 
 @dataclass
 class LoraSection:
+    # false: full-parameter training of every weight (a 16/32-bit base; under torchrun, sharded with FSDP2)
+    enabled: bool = True
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
@@ -266,6 +268,20 @@ class GRPORunConfig:
     rewards: RewardsSection = field(default_factory=RewardsSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
+    def __post_init__(self):
+        check_full_parameter(self.model, self.lora)
+        if not self.lora.enabled:
+            _check(self.grpo.beta == 0, f"grpo.beta is {self.grpo.beta} with lora.enabled false: the KL term needs "
+                   "the reference policy, which LoRA runs get by turning the adapters off; use grpo.beta 0 or LoRA")
+            _check(self.rollout.engine != "vllm", "rollout.engine vllm with lora.enabled false: the vLLM engine "
+                   "updates LoRA adapters, not full weights; use rollout.engine native (or auto)")
+
+
+def check_full_parameter(model: ModelSection, lora: LoraSection) -> None:
+    if not lora.enabled:
+        _check(not model.load_in_4bit, "lora.enabled false with model.load_in_4bit true: a 4-bit base cannot be "
+               "trained; load it in 16 bits (model.load_in_4bit false) or train LoRA adapters on it (QLoRA)")
+
 
 # ---------------------------------------------------------------------------------------------- no rollout
 
@@ -329,6 +345,9 @@ class OfflineRunConfig:
     data: OfflineDataSection = field(default_factory=lambda: OfflineDataSection(task="arithmetic"))
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
+    def __post_init__(self):
+        check_full_parameter(self.model, self.lora)
+
 
 # ---------------------------------------------------------------------------------------------- loading
 
@@ -377,6 +396,11 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{where} must be a number, got {value!r}")
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):

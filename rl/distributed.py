@@ -14,6 +14,14 @@ rank's loss is its share of the whole batch's, so that the average is the single
 token normalization takes the token count of all ranks). Rank 0 writes metrics (means over ranks) and
 checkpoints; every rank reads a checkpoint when resuming, with any world size.
 
+Full-parameter training (lora.enabled false) over several ranks shards the model with FSDP2 (fully_shard:
+each decoder layer a unit, the embeddings, final norm and head the root's), which reduce-scatters the
+gradients itself. The log-probabilities then run the root's forward (its hooks gather its parameters) and
+gather the head's weight whole; GRPO's engine generates with a whole replica on each rank, refreshed from
+the shards before every rollout (verl's layout, without a second framework). Checkpoints gather the
+weights and the optimizer state to rank 0 (keyed by parameter names: they load at any world size, into a
+sharded or a plain model); the final model is a plain HF directory.
+
 NCCL on GPUs, gloo on CPUs (the tests run 2 CPU processes).
 """
 
@@ -123,3 +131,49 @@ def finish(ok: bool) -> None:
 
 def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------ full-parameter: FSDP2
+
+
+def shard(model, device: torch.device) -> None:
+    """FSDP2 over the world: every decoder layer its own unit, the rest (embeddings, final norm, head) the
+    root's. Gradients are then reduce-scattered (averaged) by FSDP in the backward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(device.type, (rank_and_world()[1],))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """A sharded parameter gathered whole (differentiable), or the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def full_states(model, optimizer) -> tuple[dict, dict]:
+    """Model and optimizer state with parameter names for keys, whole tensors on the CPU: on rank 0 for a
+    sharded model (a collective: every rank calls it), everywhere otherwise."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def load_full_states(model, optimizer, model_state: dict, optimizer_state: dict) -> None:
+    """The inverse of full_states, on every rank (each shards what it reads); tied weights may be absent."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)

@@ -14,11 +14,31 @@ from __future__ import annotations
 import torch
 
 from kernels import selective_logprobs
+from rl.distributed import full, is_sharded
 from rl.model import unwrap
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def final_hidden(causal_lm, **inputs) -> torch.Tensor:
+    """The decoder's normed last hidden states (B, T, H). A model sharded by FSDP2 runs its root's forward
+    instead (the root's hooks gather its embeddings and norm), with the norm's output caught on the way and
+    the head applied to one position only."""
+    if not is_sharded(causal_lm):
+        return causal_lm.get_decoder()(**inputs, use_cache=False).last_hidden_state
+    caught = []
+    hook = causal_lm.get_decoder().norm.register_forward_hook(lambda module, args, out: caught.append(out))
+    try:
+        causal_lm(**inputs, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return caught[-1]
+
+
+def head_weight(causal_lm) -> torch.Tensor:
+    return full(causal_lm.get_output_embeddings().weight)  # gathered whole when sharded (differentiable)
 
 
 def _plain_head(causal_lm) -> bool:
@@ -35,11 +55,10 @@ def completion_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
     positions = positions_from_mask(attention_mask)
     targets = input_ids[:, -completion_len:]  # (B, Tc)
     if _plain_head(causal_lm):
-        hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                         position_ids=positions, use_cache=False).last_hidden_state
+        hidden = final_hidden(causal_lm, input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
         hidden = hidden[:, -completion_len - 1:-1]  # (B, Tc, H): the states that predict the completion
         b, t, h = hidden.shape
-        weight = causal_lm.get_output_embeddings().weight
+        weight = head_weight(causal_lm)
         logps, entropy = selective_logprobs(hidden.reshape(b * t, h), weight, targets.reshape(-1), temperature)
         return logps.view(b, t), entropy.view(b, t)
     logits = causal_lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,

@@ -15,6 +15,7 @@ and rank 0 writes them and the checkpoints.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from pathlib import Path
@@ -24,7 +25,7 @@ import yaml
 
 from rl.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from rl.config import to_dict
-from rl.distributed import average_gradients, finish, init_from_env, mean_over_ranks
+from rl.distributed import average_gradients, finish, full, full_states, init_from_env, mean_over_ranks, shard
 from rl.errors import ConfigError, TrainingError
 from rl.model import load_policy, resolve_device
 from rl.tracking import Tracker
@@ -66,6 +67,17 @@ def pad_rows(rows: list[list[float]], width: int) -> torch.Tensor:
     return out
 
 
+def _plain_model(config, state: dict):
+    """A plain HF model around gathered whole weights (built on the meta device, then handed the tensors)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(state, strict=False, assign=True)
+    plain.tie_weights()
+    return plain
+
+
 class TrainerBase:
     def __init__(self, cfg, resume: str | None = None):
         self.cfg = cfg
@@ -81,6 +93,13 @@ class TrainerBase:
                                       cfg.train.memory_margin_gb)
         self.policy = load_policy(cfg.model, cfg.lora, cfg.train.seed)
         self.model, self.tokenizer = self.policy.model, self.policy.tokenizer
+        self.full_parameters = not cfg.lora.enabled
+        self.sharded = self.full_parameters and self.world > 1
+        if self.sharded:  # full-parameter training over several ranks: FSDP2 (rl/distributed.py)
+            if self.keeps_replica:  # the rollout engine's own whole copy, refreshed from the shards
+                self.replica = copy.deepcopy(self.model).requires_grad_(False)
+            shard(self.model, self.policy.device)
+            self.memory.offload_optimizer_setting = False  # FSDP's optimizer state is sharded already
         self.setup()
 
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -106,6 +125,8 @@ class TrainerBase:
         return rows[self.rank * per_rank:(self.rank + 1) * per_rank]
 
     # ------------------------------------------------------------------------------------ for subclasses
+
+    keeps_replica = False  # a full-parameter sharded run keeps a whole copy of the model for the rollout
 
     def setup(self) -> None:
         """Data (set self.stream), rewards, engine: called after the policy is loaded."""
@@ -138,7 +159,10 @@ class TrainerBase:
             if not (path / "COMPLETE").is_file():
                 raise ConfigError(f"--resume {resume}: not a complete checkpoint directory (expected "
                                   "checkpoints/step-NNNNNN with a COMPLETE marker)")
-        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        try:
+            state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+        except RuntimeError as e:  # the checkpoint is of another kind of run
+            raise ConfigError(f"--resume: {e}") from None
         self.step = state["step"]
         self.stream.load_state_dict(state["data"])
         self.skipped_steps = state.get("skipped_steps", 0)
@@ -179,9 +203,10 @@ class TrainerBase:
         update is skipped, counted (train/skipped_steps) and the learning-rate schedule moves on."""
         self.memory.before_optimizer_step()  # the optimizer state back on the GPU if the rollout moved it
         params = [p for p in self.model.parameters() if p.requires_grad]
-        average_gradients(params)  # over data-parallel ranks (each rank's loss is its share of the batch's)
+        if not self.sharded:  # FSDP has reduce-scattered (averaged) them in the backward
+            average_gradients(params)  # over data-parallel ranks (each rank's loss is its share of the batch's)
         max_norm = self.cfg.train.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = float(full(torch.nn.utils.clip_grad_norm_(params, max_norm)))
         if math.isfinite(grad_norm):
             self.optimizer.step()
             self.skipped_in_a_row = 0
@@ -203,19 +228,36 @@ class TrainerBase:
         return {"data": self.stream.state_dict(), "skipped_steps": self.skipped_steps}
 
     def save_checkpoint(self) -> Path | None:
+        """Rank 0 writes; a full-parameter run first gathers the whole state from every rank (a collective)."""
+        model, optimizer_state = self._savable()
         if self.rank != 0:
             return None
-        return save_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer, self.scheduler,
-                               self._trainer_state(), self.cfg.train.keep_checkpoints)
+        return save_checkpoint(self.out / "checkpoints", self.step, model, self.optimizer, self.scheduler,
+                               self._trainer_state(), self.cfg.train.keep_checkpoints, optimizer_state)
+
+    def _savable(self):
+        """(a model whose save_pretrained writes the trained weights, the optimizer state to write or None for
+        the optimizer's own): LoRA runs save the adapter; full-parameter runs the whole model, with the
+        optimizer state keyed by parameter names so that it loads at any world size."""
+        if not self.full_parameters:
+            return self.model, None
+        model_state, optimizer_state = full_states(self.model, self.optimizer)
+        if not self.sharded:
+            return self.model, optimizer_state
+        if self.rank != 0:
+            return None, None
+        return _plain_model(self.model.config, model_state), optimizer_state
 
     def save_final(self) -> None:
-        if self.rank != 0:
-            return
         if self.cfg.train.save_every:
             self.save_checkpoint()
-        self.model.save_pretrained(self.out / "adapter")
-        self.tokenizer.save_pretrained(self.out / "adapter")
-        if self.cfg.train.save_merged:
+        model, _ = self._savable()
+        if self.rank != 0:
+            return
+        name = "model" if self.full_parameters else "adapter"
+        model.save_pretrained(self.out / name)
+        self.tokenizer.save_pretrained(self.out / name)
+        if self.cfg.train.save_merged and not self.full_parameters:  # (a whole model is its own merge)
             if self.cfg.model.load_in_4bit:
                 log.warning("train.save_merged: skipped, a 4-bit base cannot be merged losslessly; load the base "
                             "in 16 bits and merge %s/adapter there", self.out)

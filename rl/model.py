@@ -258,7 +258,8 @@ def load_base_model(cfg, seed: int = 0):
 
 @dataclass
 class Policy:
-    model: torch.nn.Module  # peft-wrapped causal LM; adapters disabled = the reference policy
+    model: torch.nn.Module  # peft-wrapped causal LM (adapters disabled = the reference policy), or, with
+    #                         lora.enabled false, the plain causal LM trained whole
     tokenizer: object
     device: torch.device
 
@@ -281,7 +282,14 @@ def add_lora(model, cfg, activations: str | None = None):
 
 def load_policy(model_cfg, lora_cfg, seed: int = 0) -> Policy:
     model, tokenizer = load_base_model(model_cfg, seed)
-    model = add_lora(model, lora_cfg, model_cfg.activation_policy)
+    if lora_cfg.enabled:
+        model = add_lora(model, lora_cfg, model_cfg.activation_policy)
+    else:  # full-parameter training: every weight learns
+        model.requires_grad_(True)
+        if model_cfg.activation_policy is not None:
+            from rollout.scheduler import set_activations
+
+            set_activations(model, model_cfg.activation_policy)
     device = next(model.parameters()).device
     if model_cfg.kernels and device.type == "cuda":
         from kernels.patch import patch_model

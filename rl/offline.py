@@ -23,8 +23,10 @@ import time
 
 import torch
 
+from rl import distributed
 from rl.config import OBJECTIVES, OfflineRunConfig
 from rl.data import PromptStream
+from rl.errors import ConfigError
 from rl.logprobs import completion_logps
 from rl.loop import TrainerBase, collate
 from rl.objectives import dpo_loss, kto_loss, orpo_loss, sft_loss
@@ -38,6 +40,10 @@ class OfflineTrainer(TrainerBase):
     def __init__(self, cfg: OfflineRunConfig, objective: str, resume: str | None = None):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective {objective!r}; use one of {', '.join(OBJECTIVES)}")
+        if objective in ("dpo", "kto") and not cfg.lora.enabled:
+            raise ConfigError(f"rl.{objective} with lora.enabled false: {objective.upper()} compares the policy with "
+                              "its reference, which LoRA runs get by turning the adapters off; train LoRA "
+                              "adapters, or use rl.orpo or rl.sft (no reference) for full-parameter training")
         self.objective = objective
         super().__init__(cfg, resume)
 
@@ -173,7 +179,10 @@ class OfflineTrainer(TrainerBase):
             rows["attention_mask"] = None
         else:
             rows = pad_examples(pairs, pad, o.completion_only)
-        total = float(rows["loss_mask"].sum())
+        # the tokens of all ranks / the world: each rank's loss is then its share of the step's x world, and
+        # the average of the ranks' gradients the step's gradient
+        tokens = distributed.total(float(rows["loss_mask"].sum()))
+        total = tokens / self.world
         loss_sum = 0.0
         for micro in self._chunks(rows["input_ids"].shape[0], 1):
             sl = slice(micro.start, micro.stop)
@@ -183,7 +192,7 @@ class OfflineTrainer(TrainerBase):
             loss = sft_loss(logps, rows["loss_mask"][sl].to(logps.device), num_items_in_batch=total)
             loss.backward()
             loss_sum += loss.item()
-        return {"loss": loss_sum, "num_tokens": total}
+        return {"loss": loss_sum, "num_tokens": tokens}
 
 
 def _preference_metrics(out: dict) -> dict:

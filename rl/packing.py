@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from kernels import selective_logprobs
-from rl.logprobs import positions_from_mask
+from rl.logprobs import final_hidden, head_weight, positions_from_mask
 from rl.model import unwrap
 
 
@@ -72,9 +72,9 @@ def token_logps(model, input_ids: torch.Tensor, position_ids: torch.Tensor, atte
     """log p(input_ids[:, t + 1] | its example's tokens up to t) -> (R, L - 1), fp32, through the chunked
     log-probabilities (no (tokens x vocab) logits held)."""
     causal_lm = unwrap(model)
-    hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                     use_cache=False).last_hidden_state[:, :-1]
+    hidden = final_hidden(causal_lm, input_ids=input_ids, attention_mask=attention_mask,
+                          position_ids=position_ids)[:, :-1]
     b, t, h = hidden.shape
-    weight = causal_lm.get_output_embeddings().weight
+    weight = head_weight(causal_lm)
     logps, _ = selective_logprobs(hidden.reshape(b * t, h), weight, input_ids[:, 1:].reshape(-1), temperature)
     return logps.view(b, t)

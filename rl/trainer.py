@@ -47,6 +47,7 @@ log = logging.getLogger("tandem")
 
 class GRPOTrainer(TrainerBase):
     cfg: GRPORunConfig
+    keeps_replica = True  # sharded full-parameter runs: the engine generates with a whole copy
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -111,10 +112,12 @@ class GRPOTrainer(TrainerBase):
     def _make_engine(self):
         cfg = self.cfg
         model_dir = None
-        if cfg.rollout.engine != "native" and unsupported_reason() is None:
+        kind = cfg.rollout.engine if cfg.lora.enabled else "native"  # vLLM's engine updates LoRA adapters only
+        if kind != "native" and unsupported_reason() is None:
             model_dir, _ = resolve_source(cfg.model.name, cfg.train.seed, need_dir=True)  # what vLLM loads
             self._check_vllm_share()
-        return make_engine(cfg.rollout.engine, self.model, self.tokenizer, model_dir=model_dir, lora_rank=cfg.lora.r,
+        model = self.replica if self.sharded else self.model
+        return make_engine(kind, model, self.tokenizer, model_dir=model_dir, lora_rank=cfg.lora.r,
                            max_model_len=cfg.rollout.max_prompt_tokens + cfg.rollout.max_tokens,
                            kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
                            gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
@@ -139,6 +142,11 @@ class GRPOTrainer(TrainerBase):
         g, rc = self.cfg.grpo.num_generations, self.cfg.rollout
         params = SamplingParams(max_tokens=rc.max_tokens, temperature=rc.temperature, top_p=rc.top_p,
                                 top_k=rc.top_k, n=g, seed=self.cfg.train.seed * 1_000_003 + step)
+        if self.sharded:  # the replica takes the updated weights, gathered from the shards
+            shards = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, mine in self.replica.named_parameters():
+                    mine.copy_(distributed.full(shards[name]))
         outs = self.memory.generate(self.engine, [self.prompt_ids[r] for r in rows], params,
                                     prompt_offset=self.rank * len(rows))
         flat = [c for group in outs for c in group]  # (P * G) completions, groups contiguous

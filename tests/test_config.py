@@ -93,3 +93,13 @@ def test_engine_choice_refuses_untested_vllm_and_falls_back_on_auto(monkeypatch,
     monkeypatch.setattr(vllm_engine, "installed_version", lambda: None)
     with pytest.raises(ConfigError, match="vLLM is not installed"):
         select.make_engine("vllm", policy.model, policy.tokenizer, model_dir="/nonexistent")
+
+
+def test_exponents_without_a_dot_are_numbers(tmp_path):
+    """YAML 1.1 reads 1e-3 as a string; a learning rate written that way must still be a number."""
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: 3e-5\n")
+    assert load_config(str(path), ["--train.max_grad_norm", "5e-1"]).train.learning_rate == 3e-5
+    assert load_config(None, ["--train.max_grad_norm", "5e-1"]).train.max_grad_norm == 0.5
+    with pytest.raises(ConfigError, match="train.learning_rate must be a number, got 'fast'"):
+        load_config(None, ["--train.learning_rate", "fast"])

@@ -7,6 +7,7 @@ within fp32 tolerance (only the order of the gradient sums differs).
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -101,6 +102,60 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(runs):
         torch.testing.assert_close(final_two[k], final_one[k], rtol=1e-4, atol=1e-5)
 
 
+# ------------------------------------------------------------------------------------ full-parameter, FSDP2
+
+FULL = {"enabled": False}
+
+
+@pytest.fixture(scope="module")
+def full_runs(tmp_path_factory):
+    """Full-parameter GRPO: 2 ranks (FSDP2) x 1 prompt for 2 steps; 1 rank x 2 prompts for 3 steps; the
+    2-rank checkpoint resumed to step 3 on 1 rank and, from a copy, on 2 ranks."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    two = _config(tmp, "two", 1, 2, lora=FULL)
+    _run(["--config", str(two)], processes=2)
+    shutil.copytree(tmp / "two", tmp / "two-again")
+    _run(["--config", str(_config(tmp, "one", 2, 3, lora=FULL))])
+    _run(["--config", str(two), "--resume", "--train.max_steps", "3", "--grpo.prompts_per_step", "2"])
+    again = _config(tmp, "two-again", 1, 3, lora=FULL)
+    _run(["--config", str(again), "--resume"], processes=2)
+    return tmp
+
+
+def test_fsdp_ranks_train_the_whole_model_as_one_process(full_runs):
+    two, one = _metrics(full_runs / "two"), _metrics(full_runs / "one")
+    for a, b in zip(two[:2], one[:2]):
+        assert a["reward"] == pytest.approx(b["reward"], rel=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)  # FSDP's reduce-scatter: the same mean
+    step2 = [load_file(full_runs / name / "checkpoints" / "step-000002" / "model.safetensors")
+             for name in ("two", "one")]
+    assert step2[0].keys() == step2[1].keys() and len(step2[0]) > 10  # every weight, gathered whole
+    for k in step2[1]:
+        torch.testing.assert_close(step2[0][k], step2[1][k], rtol=1e-4, atol=1e-6)
+
+
+def test_a_sharded_checkpoint_resumes_on_one_rank_and_on_two(full_runs):
+    """Step 3 after resuming the 2-rank run's step-2 checkpoint, on 1 rank (2 prompts) and on 2 ranks,
+    equals the uninterrupted 1-rank run's step 3; the final export is a plain HF model directory."""
+    one = _metrics(full_runs / "one")[2]
+    for name in ("two", "two-again"):
+        got = _metrics(full_runs / name)
+        assert [r["step"] for r in got] == [1, 2, 3]
+        assert got[2]["reward"] == pytest.approx(one["reward"], rel=1e-6)
+        assert got[2]["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
+        assert (full_runs / name / "model" / "config.json").is_file()
+
+
+def test_full_parameter_dpo_is_refused_before_loading():
+    from rl.config import OfflineRunConfig, build_config
+    from rl.errors import ConfigError
+    from rl.offline import OfflineTrainer
+
+    cfg = build_config(OfflineRunConfig, {"lora": {"enabled": False}, "model": {"name": "random:tiny"}})
+    with pytest.raises(ConfigError, match="DPO compares the policy with its reference"):
+        OfflineTrainer(cfg, "dpo")
+
+
 def test_data_parallel_dpo_matches_one_process(tmp_path):
     """DPO's batch split over 2 ranks (objective.batch_size per rank) gives the single process's update."""
     base = ["--config", str(ROOT / "examples" / "dpo.yaml"), "--model.name", "random:tiny", "--model.device", "cpu",
@@ -132,3 +187,16 @@ def test_each_rank_generates_with_its_own_vllm_engine(tmp_path):
     assert out.stderr.count("rollout engine: vLLM") == 2
     assert "Traceback" not in out.stderr
     assert [r["step"] for r in _metrics(tmp_path / "run")] == [1, 2]
+
+
+def test_full_parameter_sft_sharded_over_two_ranks_matches_one_process(tmp_path):
+    """Packed SFT of the whole model: FSDP2 over 2 ranks (4 examples each) against 1 process with 8."""
+    base = ["--config", str(ROOT / "examples" / "sft.yaml"), "--model.name", "random:tiny", "--model.device", "cpu",
+            "--lora.enabled", "false", "--train.max_steps", "2", "--train.save_every", "0",
+            "--train.num_threads", "1", "--train.learning_rate", "1e-3", "--tracking.progress", "false"]
+    _run([*base, "--objective.batch_size", "4", "--train.output_dir", str(tmp_path / "two")], 2, "rl.sft")
+    _run([*base, "--objective.batch_size", "8", "--train.output_dir", str(tmp_path / "one")], 1, "rl.sft")
+    for a, b in zip(_metrics(tmp_path / "two"), _metrics(tmp_path / "one")):
+        assert a["num_tokens"] == b["num_tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
