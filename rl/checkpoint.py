@@ -2,10 +2,12 @@
 
 Layout of `<output_dir>/checkpoints/step-000042/`:
     adapter_model.safetensors, adapter_config.json   the LoRA adapter in PEFT's format, or
-    model*.safetensors, config.json                  the whole model (lora.enabled false), gathered from
-                                                     every rank when sharded
+    model*.safetensors, config.json                  the whole model (lora.enabled false, one process), or
+    sharded/                                         its shards and the optimizer's, one file per rank
+                                                     (FSDP2; torch.distributed.checkpoint: loadable at any
+                                                     world size, into a sharded or a plain model)
     optimizer.pt                                     optimizer and LR-scheduler state (full-parameter runs:
-                                                     keyed by parameter names, loadable at any world size)
+                                                     keyed by parameter names; sharded: the scheduler only)
     trainer_state.json                               step, data position, RNG states' companion
     rng.pt                                           torch / CUDA / python / numpy RNG states
     COMPLETE                                         written last; a directory without it is ignored
@@ -90,6 +92,44 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
     return final
 
 
+def save_sharded_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int,
+                            rank: int) -> Path:
+    """A checkpoint of a model sharded over ranks (FSDP2): every rank writes its own shards of the weights and
+    of the optimizer state (torch.distributed.checkpoint, under `sharded/`), rank 0 the rest; the same atomic
+    protocol as save_checkpoint, with one temporary directory whose name every rank knows."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".tmp-step-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / "sharded")
+    dist.barrier()  # every rank's shards are written
+    if rank == 0:
+        try:
+            torch.save({"scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+            torch.save(rng_state(), tmp / "rng.pt")
+            (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=1))
+            (tmp / MARKER).write_text(str(step))
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for old in list_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first; half-written ones are reported and skipped."""
     if not root.is_dir():
@@ -110,6 +150,17 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     from safetensors.torch import load_file
 
     opt = torch.load(path / "optimizer.pt", weights_only=False)
+    if (path / "sharded").is_dir():  # written by save_sharded_checkpoint: loads at any world size
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, optimizer)  # the shapes to fill, this rank's
+        states = {"model": model_state, "optimizer": optimizer_state}
+        dcp.load(states, checkpoint_id=path / "sharded")
+        set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=states["optimizer"])
+        scheduler.load_state_dict(opt["scheduler"])
+        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+        return json.loads((path / "trainer_state.json").read_text())
     adapter = path / "adapter_model.safetensors"
     lora = hasattr(model, "peft_config")
     if adapter.is_file() != lora:

@@ -18,9 +18,9 @@ Full-parameter training (lora.enabled false) over several ranks shards the model
 each decoder layer a unit, the embeddings, final norm and head the root's), which reduce-scatters the
 gradients itself. The log-probabilities then run the root's forward (its hooks gather its parameters) and
 gather the head's weight whole; GRPO's engine generates with a whole replica on each rank, refreshed from
-the shards before every rollout (verl's layout, without a second framework). Checkpoints gather the
-weights and the optimizer state to rank 0 (keyed by parameter names: they load at any world size, into a
-sharded or a plain model); the final model is a plain HF directory.
+the shards before every rollout (verl's layout, without a second framework). Checkpoints are sharded:
+every rank writes its shards of the weights and optimizer state (torch.distributed.checkpoint), which load
+at any world size, into a sharded or a plain model; the final model is gathered into a plain HF directory.
 
 NCCL on GPUs, gloo on CPUs (the tests run 2 CPU processes).
 """
@@ -157,6 +157,13 @@ def is_sharded(model) -> bool:
 def full(t: torch.Tensor) -> torch.Tensor:
     """A sharded parameter gathered whole (differentiable), or the tensor itself."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def full_model_state(model) -> dict:
+    """The weights, whole, on the CPU: on rank 0 for a sharded model (a collective: every rank calls it)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def full_states(model, optimizer) -> tuple[dict, dict]:

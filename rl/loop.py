@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from rl.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from rl.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_sharded_checkpoint
 from rl.config import to_dict
-from rl.distributed import average_gradients, finish, full, full_states, init_from_env, mean_over_ranks, shard
+from rl.distributed import (average_gradients, finish, full, full_model_state, full_states, init_from_env,
+                            mean_over_ranks, shard)
 from rl.errors import ConfigError, TrainingError
 from rl.model import load_policy, resolve_device
 from rl.tracking import Tracker
@@ -228,7 +229,11 @@ class TrainerBase:
         return {"data": self.stream.state_dict(), "skipped_steps": self.skipped_steps}
 
     def save_checkpoint(self) -> Path | None:
-        """Rank 0 writes; a full-parameter run first gathers the whole state from every rank (a collective)."""
+        """Rank 0 writes, or with a sharded model every rank its shards (rl/checkpoint.py)."""
+        if self.sharded:
+            return save_sharded_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer,
+                                           self.scheduler, self._trainer_state(), self.cfg.train.keep_checkpoints,
+                                           self.rank)
         model, optimizer_state = self._savable()
         if self.rank != 0:
             return None
@@ -237,21 +242,20 @@ class TrainerBase:
 
     def _savable(self):
         """(a model whose save_pretrained writes the trained weights, the optimizer state to write or None for
-        the optimizer's own): LoRA runs save the adapter; full-parameter runs the whole model, with the
-        optimizer state keyed by parameter names so that it loads at any world size."""
+        the optimizer's own). LoRA: the adapter. Full-parameter: the whole model, with the optimizer state
+        keyed by parameter names (it then loads at any world size); sharded (final export only): the weights
+        gathered into a plain model on rank 0, a collective."""
         if not self.full_parameters:
             return self.model, None
-        model_state, optimizer_state = full_states(self.model, self.optimizer)
         if not self.sharded:
-            return self.model, optimizer_state
-        if self.rank != 0:
-            return None, None
-        return _plain_model(self.model.config, model_state), optimizer_state
+            return self.model, full_states(self.model, self.optimizer)[1]
+        state = full_model_state(self.model)
+        return (_plain_model(self.model.config, state) if self.rank == 0 else None), None
 
     def save_final(self) -> None:
         if self.cfg.train.save_every:
             self.save_checkpoint()
-        model, _ = self._savable()
+        model = self._savable()[0] if self.sharded else self.model  # sharded: gathered (every rank takes part)
         if self.rank != 0:
             return
         name = "model" if self.full_parameters else "adapter"

@@ -110,7 +110,7 @@ FULL = {"enabled": False}
 @pytest.fixture(scope="module")
 def full_runs(tmp_path_factory):
     """Full-parameter GRPO: 2 ranks (FSDP2) x 1 prompt for 2 steps; 1 rank x 2 prompts for 3 steps; the
-    2-rank checkpoint resumed to step 3 on 1 rank and, from a copy, on 2 ranks."""
+    2-rank (sharded) checkpoint resumed to step 3 on 1 rank and, from a copy, on 2 ranks."""
     tmp = tmp_path_factory.mktemp("fsdp")
     two = _config(tmp, "two", 1, 2, lora=FULL)
     _run(["--config", str(two)], processes=2)
@@ -127,11 +127,12 @@ def test_fsdp_ranks_train_the_whole_model_as_one_process(full_runs):
     for a, b in zip(two[:2], one[:2]):
         assert a["reward"] == pytest.approx(b["reward"], rel=1e-6)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)  # FSDP's reduce-scatter: the same mean
-    step2 = [load_file(full_runs / name / "checkpoints" / "step-000002" / "model.safetensors")
-             for name in ("two", "one")]
-    assert step2[0].keys() == step2[1].keys() and len(step2[0]) > 10  # every weight, gathered whole
-    for k in step2[1]:
-        torch.testing.assert_close(step2[0][k], step2[1][k], rtol=1e-4, atol=1e-6)
+    # the sharded run, resumed on 2 ranks from its sharded checkpoint, exports the single process's model
+    assert (full_runs / "two-again" / "checkpoints" / "step-000002" / "sharded").is_dir()
+    final = [load_file(full_runs / name / "model" / "model.safetensors") for name in ("two-again", "one")]
+    assert final[0].keys() == final[1].keys() and len(final[0]) > 10  # every weight, gathered whole
+    for k in final[1]:
+        torch.testing.assert_close(final[0][k], final[1][k], rtol=1e-4, atol=1e-6)
 
 
 def test_a_sharded_checkpoint_resumes_on_one_rank_and_on_two(full_runs):
@@ -144,6 +145,10 @@ def test_a_sharded_checkpoint_resumes_on_one_rank_and_on_two(full_runs):
         assert got[2]["reward"] == pytest.approx(one["reward"], rel=1e-6)
         assert got[2]["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
         assert (full_runs / name / "model" / "config.json").is_file()
+    # the optimizer state came back too: the models after step 3's update agree
+    final = [load_file(full_runs / name / "model" / "model.safetensors") for name in ("two", "one")]
+    for k in final[1]:
+        torch.testing.assert_close(final[0][k], final[1][k], rtol=1e-4, atol=1e-6)
 
 
 def test_full_parameter_dpo_is_refused_before_loading():
