@@ -64,19 +64,18 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int,
-                    optimizer_state: dict | None = None) -> Path:
-    """optimizer_state: what to write for the optimizer instead of optimizer.state_dict()."""
+def _clear_stale(root: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-step-*"):  # left by a run killed while writing: never complete, safe to drop
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def _complete(root: Path, tmp: Path, step: int, optimizer_payload: dict, state: dict, keep: int) -> Path:
+    """Write the rest of a checkpoint into `tmp`, the marker last, fsync, and rename it into place; then drop
+    the checkpoints beyond `keep`. `tmp` is removed whatever happens."""
     final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step:06d}-"))
     try:
-        model.save_pretrained(tmp)
-        torch.save({"optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
-                    "scheduler": scheduler.state_dict(), "by_name": optimizer_state is not None},
-                   tmp / "optimizer.pt")
+        torch.save(optimizer_payload, tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=1))
         (tmp / MARKER).write_text(str(step))
@@ -92,6 +91,20 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
     return final
 
 
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int,
+                    optimizer_state: dict | None = None) -> Path:
+    """optimizer_state: what to write for the optimizer instead of optimizer.state_dict()."""
+    _clear_stale(root)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step:06d}-"))
+    try:
+        model.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _complete(root, tmp, step, {"optimizer": optimizer.state_dict() if optimizer_state is None
+                                       else optimizer_state, "scheduler": scheduler.state_dict()}, state, keep)
+
+
 def save_sharded_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int,
                             rank: int) -> Path:
     """A checkpoint of a model sharded over ranks (FSDP2): every rank writes its own shards of the weights and
@@ -101,33 +114,18 @@ def save_sharded_checkpoint(root: Path, step: int, model, optimizer, scheduler, 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    final, tmp = root / f"step-{step:06d}", root / f".tmp-step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(".tmp-step-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        _clear_stale(root)
         tmp.mkdir()
     dist.barrier()
     model_state, optimizer_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp / "sharded")
     dist.barrier()  # every rank's shards are written
     if rank == 0:
-        try:
-            torch.save({"scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-            torch.save(rng_state(), tmp / "rng.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=1))
-            (tmp / MARKER).write_text(str(step))
-            _fsync_tree(tmp)
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        _complete(root, tmp, step, {"scheduler": scheduler.state_dict()}, state, keep)
     dist.barrier()
-    return final
+    return root / f"step-{step:06d}"
 
 
 def list_checkpoints(root: Path) -> list[Path]:
