@@ -115,7 +115,10 @@ def full_runs(tmp_path_factory):
     two = _config(tmp, "two", 1, 2, lora=FULL)
     _run(["--config", str(two)], processes=2)
     shutil.copytree(tmp / "two", tmp / "two-again")
-    _run(["--config", str(_config(tmp, "one", 2, 3, lora=FULL))])
+    one = _config(tmp, "one", 2, 3, lora=FULL)
+    _run(["--config", str(one)])
+    _run(["--config", str(one), "--resume", str(tmp / "one" / "checkpoints" / "step-000002"),
+          "--train.output_dir", str(tmp / "one-resumed")])  # a whole-model checkpoint of one process
     _run(["--config", str(two), "--resume", "--train.max_steps", "3", "--grpo.prompts_per_step", "2"])
     again = _config(tmp, "two-again", 1, 3, lora=FULL)
     _run(["--config", str(again), "--resume"], processes=2)
@@ -145,10 +148,13 @@ def test_a_sharded_checkpoint_resumes_on_one_rank_and_on_two(full_runs):
         assert got[2]["reward"] == pytest.approx(one["reward"], rel=1e-6)
         assert got[2]["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4)
         assert (full_runs / name / "model" / "config.json").is_file()
-    # the optimizer state came back too: the models after step 3's update agree
-    final = [load_file(full_runs / name / "model" / "model.safetensors") for name in ("two", "one")]
-    for k in final[1]:
-        torch.testing.assert_close(final[0][k], final[1][k], rtol=1e-4, atol=1e-6)
+    # the optimizer state came back too: the models after step 3's update agree (also when one process
+    # resumes its own whole-model checkpoint)
+    one_final = load_file(full_runs / "one" / "model" / "model.safetensors")
+    for name in ("two", "one-resumed"):
+        final = load_file(full_runs / name / "model" / "model.safetensors")
+        for k in one_final:
+            torch.testing.assert_close(final[k], one_final[k], rtol=1e-4, atol=1e-6)
 
 
 def test_full_parameter_dpo_is_refused_before_loading():
