@@ -137,7 +137,7 @@ class MemoryScheduler:
         self._measured: dict[str, float] = {}  # activation bytes per token, by policy, from measured peaks
         self._train_base = self._train_fixed = 0
         self.backoffs = 0  # OOM back-offs in the whole run
-        self.last_waves = self.last_rows = 1  # the last rollout's waves and rows per wave
+        self.last_waves, self.last_rows = 0, 1  # the last rollout's waves (0: none yet) and rows per wave
         self.prompt_offset = 0
         self.plan: TrainPlan | None = None
 
@@ -172,7 +172,9 @@ class MemoryScheduler:
         return out
 
     def metrics(self) -> dict:
-        out = {"memory/oom_backoffs": self.backoffs, "rollout/waves": self.last_waves}
+        out = {"memory/oom_backoffs": self.backoffs}
+        if self.last_waves:  # GRPO's runs; the objectives without a rollout have none
+            out["rollout/waves"] = self.last_waves
         if self.budget is not None:
             out["memory/budget_gb"] = self.budget / GIB
         if self.plan is not None:
