@@ -145,8 +145,6 @@ def list_checkpoints(root: Path) -> list[Path]:
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restores the weights (adapter or whole model), optimizer, scheduler and RNG; returns the trainer state
     (step, data...). A whole model's checkpoint loads into a sharded model on every rank, or into a plain one."""
-    from safetensors.torch import load_file
-
     opt = torch.load(path / "optimizer.pt", weights_only=False)
     if (path / "sharded").is_dir():  # written by save_sharded_checkpoint: loads at any world size
         import torch.distributed.checkpoint as dcp
@@ -156,9 +154,17 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         states = {"model": model_state, "optimizer": optimizer_state}
         dcp.load(states, checkpoint_id=path / "sharded")
         set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=states["optimizer"])
-        scheduler.load_state_dict(opt["scheduler"])
-        set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-        return json.loads((path / "trainer_state.json").read_text())
+    else:
+        _load_weights(path, model, optimizer, opt["optimizer"])
+    scheduler.load_state_dict(opt["scheduler"])
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def _load_weights(path: Path, model, optimizer, optimizer_state: dict) -> None:
+    """A single writer's checkpoint: the LoRA adapter, or the whole model (keyed by parameter names)."""
+    from safetensors.torch import load_file
+
     adapter = path / "adapter_model.safetensors"
     lora = hasattr(model, "peft_config")
     if adapter.is_file() != lora:
@@ -173,12 +179,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
         missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
         if missing:
             raise RuntimeError(f"checkpoint {path} does not match the model's adapters (missing {missing[:3]}...)")
-        optimizer.load_state_dict(opt["optimizer"])
+        optimizer.load_state_dict(optimizer_state)
     else:
         from rl.distributed import load_full_states
 
         weights = {k: v for f in sorted(path.glob("model*.safetensors")) for k, v in load_file(f).items()}
-        load_full_states(model, optimizer, weights, opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return json.loads((path / "trainer_state.json").read_text())
+        load_full_states(model, optimizer, weights, optimizer_state)

@@ -45,6 +45,10 @@ from rollout.vllm_engine import unsupported_reason
 log = logging.getLogger("tandem")
 
 
+def micro_slices(n: int, micro_batch: int) -> list[slice]:
+    return [slice(i, min(i + micro_batch, n)) for i in range(0, n, micro_batch)]
+
+
 class GRPOTrainer(TrainerBase):
     cfg: GRPORunConfig
     keeps_replica = True  # sharded full-parameter runs: the engine generates with a whole copy
@@ -226,7 +230,7 @@ class GRPOTrainer(TrainerBase):
         """One pass over the batch in micro-batches, gradients accumulated; -> metric sums weighted by tokens,
         and under "loss" the batch's loss (the micro-batches' losses as scaled for the accumulation, summed)."""
         cfg, device, n = self.cfg, self.policy.device, len(batch["completion_ids"])
-        slices = [slice(i, min(i + micro_batch, n)) for i in range(0, n, micro_batch)]
+        slices = micro_slices(n, micro_batch)
         totals: dict[str, float] = {}
         for s in slices:
             ids, attn, tc = collate(batch["prompt_ids"][s], batch["completion_ids"][s],
@@ -266,7 +270,7 @@ class GRPOTrainer(TrainerBase):
 
     def _logps_no_grad(self, batch: dict, micro_batch: int, width: int) -> torch.Tensor:
         n = len(batch["completion_ids"])
-        slices = [slice(i, min(i + micro_batch, n)) for i in range(0, n, micro_batch)]
+        slices = micro_slices(n, micro_batch)
         out = torch.zeros((n, width))
         was_training = self.model.training
         self.model.eval()

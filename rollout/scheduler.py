@@ -63,6 +63,14 @@ def plan_waves(num_prompts: int, n: int, max_rows: int) -> list[tuple[int, int, 
     return [(p, 1, min(max_rows, n - done)) for p in range(num_prompts) for done in range(0, n, max_rows)]
 
 
+def _wave_seed(params, first: int, part: int) -> int | None:
+    """A wave's sampling seed: from the step's, its first prompt's index in the whole step's batch and, for a
+    group split over waves, the part; the whole batch in one wave on one rank keeps the step's seed."""
+    if params.seed is None:
+        return None
+    return params.seed + 7919 * first + 104729 * part
+
+
 def activation_bytes_per_token(config, mode: str, element_bytes: int) -> int:
     """Training memory per token of a micro-batch, by activation policy: a Llama-family layer keeps for its
     backward the two norms' inputs and outputs, q, k, v, the attention output, gate, up and their product."""
@@ -96,8 +104,7 @@ class TrainPlan:
     micro_batch: int
     activations: str  # one of ACTIVATIONS
     tokens: int  # the longest sequence of the batch, prompt and completion
-    fixed_micro_batch: bool  # set by the user: the back-off still halves it, the plan never grows it
-    fixed_activations: bool
+    fixed_activations: bool  # set by the user: the back-off never changes it (a fixed micro-batch it halves)
 
     def smaller(self) -> TrainPlan | None:
         """The next plan down after an OOM: half the micro-batch; at one sequence, the next activation policy."""
@@ -138,7 +145,6 @@ class MemoryScheduler:
         self._train_base = self._train_fixed = 0
         self.backoffs = 0  # OOM back-offs in the whole run
         self.last_waves, self.last_rows = 0, 1  # the last rollout's waves (0: none yet) and rows per wave
-        self.prompt_offset = 0
         self.plan: TrainPlan | None = None
 
     def attach(self, model, optimizer) -> None:
@@ -243,11 +249,10 @@ class MemoryScheduler:
         on whichever rank, and in whichever wave, it lands."""
         if self.offload_optimizer_setting or (self.offload_optimizer_setting is None and self.cuda):
             self.offload_optimizer()  # a few ms for LoRA's moments; their room goes to the KV cache
-        self.prompt_offset = prompt_offset
         per_row = getattr(engine, "bytes_per_row", None)
         if per_row is None or (self.budget is None and self.max_rows is None):
             self.last_waves = 1  # vLLM sizes and schedules its own KV cache
-            return engine.generate(prompts, replace(params, seed=self._wave_seed(params, 0, 0)))
+            return engine.generate(prompts, replace(params, seed=_wave_seed(params, prompt_offset, 0)))
         length = engine.rollout_length(max(map(len, prompts)), params.max_tokens)
         row_bytes = per_row(length)
         rows = self.last_rows = len(prompts) * params.n
@@ -255,7 +260,7 @@ class MemoryScheduler:
         cap = None
         while True:
             try:
-                return self._generate_in_waves(engine, prompts, params, need, row_bytes, length, cap)
+                return self._generate_in_waves(engine, prompts, params, prompt_offset, need, row_bytes, length, cap)
             except torch.OutOfMemoryError:
                 pass  # handled after the except block, whose traceback still holds the failed wave's tensors
             engine.release()
@@ -266,7 +271,8 @@ class MemoryScheduler:
             self.backoffs += 1
             log.warning("rollout: CUDA out of memory with waves of %d rows; retrying with %d", self.last_rows, cap)
 
-    def _generate_in_waves(self, engine, prompts, params, need: int, row_bytes: int, length: int, cap: int | None):
+    def _generate_in_waves(self, engine, prompts, params, prompt_offset: int, need: int, row_bytes: int,
+                           length: int, cap: int | None):
         free_memory = lambda: self._free_for_rollout(engine)  # noqa: E731
         if hasattr(engine, "prepare"):  # working weights only if they fit beside the whole batch's KV cache
             engine.prepare(len(prompts) * params.n, free_memory=free_memory, reserve=need)
@@ -285,18 +291,11 @@ class MemoryScheduler:
         groups: list[list] = [[] for _ in prompts]
         parts = [0] * len(prompts)  # waves so far that began at each prompt (a split group's parts)
         for first, count, n in waves:
-            wave_params = replace(params, n=n, seed=self._wave_seed(params, first, parts[first]))
+            wave_params = replace(params, n=n, seed=_wave_seed(params, prompt_offset + first, parts[first]))
             parts[first] += 1
             for j, group in enumerate(engine.generate(prompts[first:first + count], wave_params, **prepared)):
                 groups[first + j].extend(group)
         return groups
-
-    def _wave_seed(self, params, first: int, part: int) -> int | None:
-        """A wave's sampling seed: from the step's, its first prompt's index in the whole batch and, for a
-        group split over waves, the part; the whole batch in one wave on one rank keeps the step's seed."""
-        if params.seed is None:
-            return None
-        return params.seed + 7919 * (self.prompt_offset + first) + 104729 * part
 
     def _rollout_error(self, row_bytes: int, length: int, when: str) -> TrainingError:
         message = (f"rollout: out of GPU memory {when}: one row of {length} tokens needs {row_bytes / GIB:.2f} GiB "
@@ -356,7 +355,7 @@ class MemoryScheduler:
         if release and engine is not None and hasattr(engine, "release"):
             engine.release()
             self._release_cached()
-        plan = TrainPlan(mb, mode, tokens, micro_batch is not None, activations is not None)
+        plan = TrainPlan(mb, mode, tokens, activations is not None)
         self._apply(plan)
         return plan
 

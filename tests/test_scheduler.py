@@ -171,7 +171,7 @@ def _with_plan(micro_batch, activations="none", fixed_activations=False):
     policy = tiny_policy()
     memory = MemoryScheduler(torch.device("cpu"))
     memory.attach(policy.model, None)
-    memory.plan = TrainPlan(micro_batch, activations, 100, False, fixed_activations)
+    memory.plan = TrainPlan(micro_batch, activations, 100, fixed_activations)
     return memory
 
 

@@ -42,14 +42,14 @@ def test_a_real_oom_halves_the_micro_batch_and_the_step_completes():
     zero = lambda: model.zero_grad(set_to_none=True)  # noqa: E731
 
     # reference gradients, and the cost of one sequence
-    memory._apply(TrainPlan(8, "none", 768, True, True))
+    memory._apply(TrainPlan(8, "none", 768, True))
     run(memory.plan)
     reference = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     zero()
     torch.cuda.empty_cache()
     base = torch.cuda.memory_reserved(device)
     torch.cuda.reset_peak_memory_stats(device)
-    run(TrainPlan(1, "none", 768, True, True))
+    run(TrainPlan(1, "none", 768, True))
     per_sequence = torch.cuda.max_memory_reserved(device) - base
     zero()
     torch.cuda.empty_cache()
@@ -57,7 +57,7 @@ def test_a_real_oom_halves_the_micro_batch_and_the_step_completes():
     total = torch.cuda.get_device_properties(device).total_memory
     torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_reserved(device) + 6 * per_sequence) / total, device)
     try:
-        memory.plan = TrainPlan(8, "none", 768, True, True)  # 8 sequences need ~8 units; the cap leaves 6
+        memory.plan = TrainPlan(8, "none", 768, True)  # 8 sequences need ~8 units; the cap leaves 6
         assert memory.run_with_backoff("train", run, reset=zero) == 4
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
