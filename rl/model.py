@@ -161,11 +161,22 @@ def _random_model(shape: str, seed: int, dtype: torch.dtype, device: torch.devic
 
 
 def _random_hf_dir(shape: str, seed: int) -> Path:
-    """Random weights written once (bf16) so the 4-bit path can quantize them while loading."""
+    """Random weights written once (bf16) so the 4-bit path can quantize them while loading, with the tokenizer
+    that random shapes use: a whole model directory, which vLLM, TRL and Unsloth load as they load any."""
     def fill(tmp: Path):
         _random_model(shape, seed, torch.bfloat16, torch.device("cpu")).save_pretrained(tmp)
+        load_tokenizer(None, None).save_pretrained(tmp)
 
-    return _atomic_dir(cache_dir() / "random" / f"{shape}-seed{seed}", fill)
+    target = _atomic_dir(cache_dir() / "random" / f"{shape}-seed{seed}", fill)
+    if not (target / "tokenizer_config.json").is_file():  # written before the tokenizer was kept beside it
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tok."))
+        try:
+            load_tokenizer(None, None).save_pretrained(tmp)
+            for f in sorted(tmp.iterdir(), key=lambda f: f.name == "tokenizer_config.json"):  # the marker last
+                os.replace(f, target / f.name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def _looks_like_path(name: str) -> bool:

@@ -120,8 +120,10 @@ class MemoryScheduler:
                  offload_optimizer: bool | None = None, max_rows: int | None = None):
         """offload_optimizer: before every rollout; None = on a GPU (on the CPU, True copies to separate host
         buffers: the tests' round trip). max_rows: a cap on rows per rollout wave (tests; None = what fits)."""
-        self.device = device
         self.cuda = device.type == "cuda"
+        if self.cuda and device.index is None:  # "cuda" alone: the allocator's calls below need the index
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
         self.budget: int | None = None
         if self.cuda:
             total = torch.cuda.get_device_properties(device).total_memory

@@ -1,0 +1,132 @@
+"""The GPU gate: what only a GPU runs, run on one, in one command (about 8 minutes on one H200).
+
+    python benchmarks/gpu_check.py [--out DIR] [--commit SHA] [--steps 3] [--no-peers]
+
+1. tests: every test marked `gpu`, and those marked `vllm` (on the GPU where vLLM is installed; skipped
+   where it is not: the summary says which).
+2. the capped step: GRPO steps of the Qwen2.5-1.5B shape (QLoRA NF4 r16, one prompt x 8 completions of 1,024
+   tokens) under train.gpu_memory_gb 16, as on a 16 GiB card: the scheduler's plan and each phase's peak.
+3. the step beside the peers: the Qwen2.5-1.5B QLoRA step at 8 x 256 for Tandem, Unsloth and TRL
+   (benchmarks/bench_grpo.py, one process each, in the same run; the peers where they are installed).
+
+Prints one summary table last and writes it, with every part's log, under DIR (default gpu_check/). The exit
+status is 0 only when every test passed and every part ran. Its summary (date, commit, GPU) belongs in
+benchmarks/RESULTS.md before an issue that touches code a GPU runs is resolved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_logged(name: str, cmd: list[str], out: Path, timeout: int) -> tuple[int, float]:
+    """Runs cmd with its output streamed into out/<name>.log; -> (exit status, 124 on timeout; seconds)."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}", "PYTHONUNBUFFERED": "1"}
+    start = time.perf_counter()
+    print(f"== {name}: {' '.join(cmd)}", flush=True)
+    with open(out / f"{name}.log", "w") as log:
+        try:
+            code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = 124
+    seconds = time.perf_counter() - start
+    print(f"== {name}: exit {code} after {seconds:.0f} s", flush=True)
+    return code, seconds
+
+
+def test_counts(xml_path: Path) -> dict:
+    if not xml_path.is_file():
+        return {"tests": 0, "failures": 0, "errors": 1, "skipped": 0, "failed": ["(no report: pytest did not finish)"]}
+    root = ET.parse(xml_path).getroot()
+    suite = root if root.tag == "testsuite" else root.find("testsuite")
+    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+    counts["failed"] = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
+                        if case.find("failure") is not None or case.find("error") is not None]
+    return counts
+
+
+def bench_rows(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.is_file() else []
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT", "gpu_check"), help="logs and the summary go here")
+    parser.add_argument("--commit", help="the commit checked (default: git rev-parse, where .git is present)")
+    parser.add_argument("--steps", type=int, default=3, help="steps per implementation (the first is not timed)")
+    parser.add_argument("--no-peers", action="store_true", help="Tandem alone in part 3")
+    parser.add_argument("--tests-timeout", type=int, default=300)
+    a = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_check needs a CUDA GPU", file=sys.stderr)
+        return 2
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    commit = a.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                        text=True).stdout.strip() or "unknown"
+    py = sys.executable
+
+    code, test_s = run_logged("tests", [py, "-m", "pytest", "-q", "-m", "gpu or vllm", "-p", "no:cacheprovider",
+                                        "-rfE", "--durations=10", f"--junitxml={out / 'tests.xml'}", "tests"],
+                              out, a.tests_timeout)
+    tests = test_counts(out / "tests.xml")
+    capped_code, capped_s = run_logged(
+        "capped_step", [py, "benchmarks/bench_grpo.py", "--shapes", "qwen2.5-1.5b", "--impls", "tandem",
+                        "--cap-gb", "16", "--tokens", "1024", "--steps", "2", "--json", str(out / "capped.json")],
+        out, 300)
+    impls = "tandem" if a.no_peers else "tandem,unsloth,trl"
+    peers_code, peers_s = run_logged(
+        "step_vs_peers", [py, "benchmarks/bench_grpo.py", "--shapes", "qwen2.5-1.5b", "--impls", impls,
+                          "--steps", str(a.steps), "--json", str(out / "peers.json")], out, 420)
+
+    passed = tests["tests"] - tests["failures"] - tests["errors"] - tests["skipped"]
+    lines = [f"GPU gate, {datetime.date.today()}, commit {commit}, {torch.cuda.get_device_name()}, "
+             f"torch {torch.__version__}: `python benchmarks/gpu_check.py`", "",
+             "| part | result | seconds |", "|---|---|---|",
+             f"| tests marked gpu or vllm | {passed} passed, {tests['failures'] + tests['errors']} failed, "
+             f"{tests['skipped']} skipped (exit {code}) | {test_s:.0f} |"]
+    for name in tests["failed"]:
+        lines.append(f"| failed | {name} | |")
+    for r in bench_rows(out / "capped.json"):
+        if "error" in r:
+            lines.append(f"| capped step, 1.5B, 8 x 1024, 16 GiB | error: {r['error']} | {capped_s:.0f} |")
+            continue
+        phases = ", ".join(f"{k.split('/')[1].removesuffix('_peak_gb')} {v:.2f} GiB" for k, v in r.items()
+                           if k.startswith("memory/") and k.endswith("_peak_gb"))
+        plan = {k: f"{r[k]:g}" if k in r else "?" for k in ("memory/micro_batch_size", "memory/activation_policy",
+                                                             "rollout/waves")}
+        lines.append(f"| capped step, 1.5B, 8 x 1024, 16 GiB | {r['s_per_step']:.2f} s/step; peaks {phases}; "
+                     f"micro-batch {plan['memory/micro_batch_size']}, activation policy "
+                     f"{plan['memory/activation_policy']} (0 none, 1 checkpoint, 2 offload), "
+                     f"{plan['rollout/waves']} wave(s) | {capped_s:.0f} |")
+    if not bench_rows(out / "capped.json"):
+        lines.append(f"| capped step | no result (exit {capped_code}) | {capped_s:.0f} |")
+    for r in bench_rows(out / "peers.json"):
+        result = (f"error: {r['error']}" if "error" in r else
+                  f"{r['s_per_step']:.2f} s/step (median of steps 2..{r['steps']}), peak {r['peak_gb']:.2f} GB")
+        lines.append(f"| 1.5B QLoRA step, 8 x 256, {r['impl']} | {result} | |")
+    if not bench_rows(out / "peers.json"):
+        lines.append(f"| step beside the peers | no result (exit {peers_code}) | {peers_s:.0f} |")
+    summary = "\n".join(lines)
+    (out / "gpu_check.md").write_text(summary + "\n")
+    print("\n" + summary)
+    ran = [r for name in ("capped.json", "peers.json") for r in bench_rows(out / name)]
+    ok = code == 0 and tests["tests"] > 0 and ran and all("error" not in r for r in ran)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
