@@ -186,12 +186,12 @@ class TrainSection:
                f"train.gpu_memory_gb is {self.gpu_memory_gb}; use a positive number of GB or null")
         _check(self.memory_margin_gb is None or self.memory_margin_gb >= 0,
                f"train.memory_margin_gb is {self.memory_margin_gb}; use a number of GB >= 0 or null")
+        _check(self.num_threads >= 0, f"train.num_threads is {self.num_threads}; use 0 (default) or > 0")
+        _check(self.max_skipped_steps >= 1, f"train.max_skipped_steps is {self.max_skipped_steps}; use >= 1")
 
     @property
     def fixed_micro_batch(self) -> int | None:
         return None if self.micro_batch_size == "auto" else self.micro_batch_size
-        _check(self.num_threads >= 0, f"train.num_threads is {self.num_threads}; use 0 (default) or > 0")
-        _check(self.max_skipped_steps >= 1, f"train.max_skipped_steps is {self.max_skipped_steps}; use >= 1")
 
 
 @dataclass

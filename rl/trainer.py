@@ -49,6 +49,11 @@ def micro_slices(n: int, micro_batch: int) -> list[slice]:
     return [slice(i, min(i + micro_batch, n)) for i in range(0, n, micro_batch)]
 
 
+def _format_option(value: str) -> dict:
+    """rewards.format -> the `format` reward's keyword: a built-in format's name, or a regex as its pattern."""
+    return {"format": value} if value in ("think_answer", "boxed") else {"pattern": value}
+
+
 class GRPOTrainer(TrainerBase):
     cfg: GRPORunConfig
     keeps_replica = True  # sharded full-parameter runs: the engine generates with a whole copy
@@ -61,7 +66,7 @@ class GRPOTrainer(TrainerBase):
         code_limits = Limits(wall_s=cfg.rewards.code_timeout_s, cpu_s=max(1, math.ceil(cfg.rewards.code_timeout_s)),
                              memory_mb=cfg.rewards.code_memory_mb)
         self.rewards = RewardRunner(cfg.rewards.functions, cfg.rewards.weights, cfg.rewards.timeout_s,
-                                    options={"format": {"format": cfg.rewards.format},
+                                    options={"format": _format_option(cfg.rewards.format),
                                              "overlong_penalty": {"max_tokens": cfg.rollout.max_tokens},
                                              "python_tests": {"limits": code_limits,
                                                               "on_error": cfg.rewards.code_on_error}})

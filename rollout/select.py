@@ -30,7 +30,8 @@ def make_engine(kind: str, model, tokenizer, *, model_dir=None, lora_rank: int =
                                   share_weights=share_weights, seed=seed)
             except RuntimeError as e:
                 if kind == "vllm":
-                    raise ConfigError(f"rollout.engine is vllm, but {e}") from None
+                    how = "" if "rollout.engine native" in str(e) else "; use rollout.engine native"
+                    raise ConfigError(f"rollout.engine is vllm, but {e}{how}") from None
                 reason = str(e)
         elif kind == "vllm":
             raise ConfigError(f"rollout.engine is vllm, but {reason}. Tandem's vLLM engine is tested with vLLM "

@@ -128,8 +128,13 @@ class VLLMEngine:
         else:
             kwargs.update(kv_cache_memory_bytes=int(kv_cache_gb * 2**30), enforce_eager=True)
         t0 = time.perf_counter()
-        self.llm = LLM(**kwargs)
+        try:
+            self.llm = LLM(**kwargs)
+        except Exception as e:  # noqa: BLE001 (what vLLM's start-up raises varies by release; the message is kept)
+            raise RuntimeError(f"vLLM {installed_version()} could not load {model_dir} "
+                               f"({type(e).__name__}: {_first_line(e)})") from None
         torch.set_num_threads(threads)
+        self._check_generates()
         log.info("vLLM %s loaded %s in %.1f s", installed_version(), model_dir, time.perf_counter() - t0)
         self.vllm_model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
         rss = _rss_bytes()
@@ -142,6 +147,18 @@ class VLLMEngine:
 
         self.lora_request = LoRARequest("tandem", LORA_ID, self._adapter_dir.name)
         self.last_sync_s = 0.0
+
+    def _check_generates(self) -> None:
+        """One token from a one-token prompt: a model vLLM loads but cannot run (a head size its attention
+        kernels lack, say) fails here, at start-up, where `auto` can still choose the native engine."""
+        from vllm import SamplingParams as VLLMSamplingParams
+        from vllm.inputs import TokensPrompt
+
+        try:
+            self.llm.generate([TokensPrompt(prompt_token_ids=[0])], VLLMSamplingParams(max_tokens=1), use_tqdm=False)
+        except Exception as e:  # noqa: BLE001 (vLLM's kernels raise what they raise; the message is kept)
+            raise RuntimeError(f"vLLM {installed_version()} loaded the model but could not generate with it "
+                               f"({type(e).__name__}: {_first_line(e)})") from None
 
     # ------------------------------------------------------------------ weights
 
@@ -277,6 +294,10 @@ class VLLMEngine:
         if torch.cuda.is_available():
             self.llm.sleep(level=0)
             self.llm.release_kv_cache_memory()
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [""])[0]
 
 
 def _rss_bytes() -> int:

@@ -1,15 +1,18 @@
-"""The vLLM engine for real (vLLM on CPU, in this process) with SmolLM2-135M-Instruct in bf16.
+"""The vLLM engine for real (vLLM on CPU, in this process) with SmolLM2-135M-Instruct in fp32.
 
-Agreement with the native engine is measured, not assumed: both run the same weights (shared storage) and
-the same adapter, but vLLM's CPU kernels and PyTorch's round bf16 differently, so greedy decoding may
-part at a near-tie. The tests require the first token to agree everywhere, and every parting to happen where
-the policy's own top two log-probabilities are within 0.3 nats (a bf16 rounding apart, not a different
-model); they print the agreement they measured.
+fp32, not bf16: vLLM's CPU kernels and PyTorch round bf16 differently, and differently again on CPUs with and
+without AMX / AVX512-BF16, so two correct bf16 engines part at the first near-tie of greedy decoding, at a
+place that depends on the machine. In fp32 the two engines' log-probabilities differ by summation order only
+(measured ~1e-5 nats), so the tests can be sharp on any x86-64 CPU: the first token's log-probability of
+the live policy within FP32_LOGP nats, and greedy decoding identical except where the policy's own top two
+log-probabilities are within FP32_LOGP (a near-tie of fp32 rounding; counted and printed).
 """
 
+import gc
 import json
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -28,7 +31,7 @@ if unsupported_reason() is not None:
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What is 12 + 7?", "Name a colour.", "Write one word.", "Count to three."]
-NEAR_TIE = 0.3  # nats: two bf16 forwards of this model differ by ~0.05 in a log-probability
+FP32_LOGP = 1e-3  # nats: 100x what two fp32 forwards of this model differ by
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +39,10 @@ def setup():
     from rollout.vllm_engine import VLLMEngine
 
     torch.manual_seed(0)
-    policy = load_policy(ModelSection(name="smollm2-135m-instruct", dtype="bfloat16", kernels=False),
+    policy = load_policy(ModelSection(name="smollm2-135m-instruct", dtype="float32", kernels=False),
                          LoraSection(r=8), seed=0)
     _perturb_lora(policy.model, seed=1)
-    before = {n: p.data_ptr() for n, p in policy.model.named_parameters()}
+    before = {n: weakref.ref(p) for n, p in policy.model.named_parameters() if not p.requires_grad}
     model_dir, _ = resolve_source("smollm2-135m-instruct", 0, need_dir=True)
     engine = VLLMEngine(policy.model, policy.tokenizer, model_dir, lora_rank=8, max_model_len=512)
     prompts = [policy.tokenizer.encode(q) for q in QUESTIONS]
@@ -69,7 +72,7 @@ def _check_agreement(policy, prompts, ours, theirs):
         assert k > 0, "the engines disagree on the first token"
         if k < min(len(a), len(b)):  # parted: the policy must be at a near-tie there
             lp = _logprobs(policy.model, prompt + a[:k])
-            assert abs(float(lp[a[k]] - lp[b[k]])) < NEAR_TIE, (k, float(lp[a[k]]), float(lp[b[k]]))
+            assert abs(float(lp[a[k]] - lp[b[k]])) < FP32_LOGP, (k, float(lp[a[k]]), float(lp[b[k]]))
     print(f"greedy agreement: {agreed}/{total} tokens identical before any parting")
     return agreed / total
 
@@ -82,11 +85,11 @@ def test_base_weights_are_shared_not_copied(setup):
     frozen = {n: p for n, p in policy.model.named_parameters() if not p.requires_grad}
     inside = [n for n, p in frozen.items() if any(lo <= p.data_ptr() < hi for lo, hi in ranges)]
     assert len(inside) == len(frozen) > 200, f"{len(inside)} of {len(frozen)} frozen tensors are vLLM's"
-    assert all(before[n] != p.data_ptr() for n, p in frozen.items())  # they moved: the old copies are gone
-    base_bytes = sum(p.numel() * p.element_size() for p in frozen.values())
-    print(f"sharing freed {engine.bytes_freed_by_sharing / 1e6:.0f} MB of process memory for "
-          f"{base_bytes / 1e6:.0f} MB of base weights")
-    assert engine.bytes_freed_by_sharing > 0.5 * base_bytes
+    # the policy's own base tensors are gone, not kept beside vLLM's: nothing refers to them any more (an
+    # fp32 load maps the weights from the file, so the process's resident memory would not tell)
+    gc.collect()
+    kept = [n for n, ref in before.items() if ref() is not None]
+    assert not kept, f"{len(kept)} of the policy's own base tensors are still alive, e.g. {kept[:3]}"
 
 
 def test_greedy_agrees_with_the_native_engine(setup):
@@ -94,7 +97,7 @@ def test_greedy_agrees_with_the_native_engine(setup):
     params = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[])
     ours = engine.generate(prompts, params)
     native = NativeEngine(policy.model, policy.tokenizer).generate(prompts, params)
-    assert _check_agreement(policy, prompts, ours, native) > 0.5
+    assert _check_agreement(policy, prompts, ours, native) > 0.9
 
 
 def test_lora_changes_reach_vllm_in_memory(setup):
@@ -107,7 +110,7 @@ def test_lora_changes_reach_vllm_in_memory(setup):
         assert engine.last_sync_s < 1.0
         for prompt, group in zip(prompts, ours):  # the first token's log-probability is the live policy's
             lp = _logprobs(policy.model, prompt)
-            assert abs(group[0].logprobs[0] - float(lp[group[0].token_ids[0]])) < 0.15
+            assert abs(group[0].logprobs[0] - float(lp[group[0].token_ids[0]])) < FP32_LOGP
         native = NativeEngine(policy.model, policy.tokenizer).generate(prompts, params)
         _check_agreement(policy, prompts, ours, native)
     assert [g[0].token_ids for g in ours] != old
@@ -124,7 +127,7 @@ def test_sampling_returns_processed_logprobs(setup):
         z = torch.log_softmax(_logprobs(policy.model, prompt) / 0.8, -1)  # temperature applied...
         kth = z.topk(20).values[-1]
         z = torch.log_softmax(z.masked_fill(z < kth, float("-inf")), -1)  # ...then top-k, renormalized
-        assert abs(c.logprobs[0] - float(z[c.token_ids[0]])) < 0.15
+        assert abs(c.logprobs[0] - float(z[c.token_ids[0]])) < FP32_LOGP
 
 
 def test_grpo_run_with_the_vllm_engine(tmp_path):
