@@ -3,7 +3,7 @@
 fp32, not bf16: vLLM's CPU kernels and PyTorch round bf16 differently, and differently again on CPUs with and
 without AMX / AVX512-BF16, so two correct bf16 engines part at the first near-tie of greedy decoding, at a
 place that depends on the machine. In fp32 the two engines' log-probabilities differ by summation order only
-(measured ~1e-5 nats), so the tests can be sharp on any x86-64 CPU: the first token's log-probability of
+(measured: at most 5e-6 nats), so the tests can be sharp on any x86-64 CPU: the first token's log-probability of
 the live policy within FP32_LOGP nats, and greedy decoding identical except where the policy's own top two
 log-probabilities are within FP32_LOGP (a near-tie of fp32 rounding; counted and printed).
 """
@@ -31,7 +31,7 @@ if unsupported_reason() is not None:
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What is 12 + 7?", "Name a colour.", "Write one word.", "Count to three."]
-FP32_LOGP = 1e-3  # nats: 100x what two fp32 forwards of this model differ by
+FP32_LOGP = 1e-3  # nats: ~200x what vLLM and the policy differ by in fp32
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +107,13 @@ def test_lora_changes_reach_vllm_in_memory(setup):
     for seed in (2, 3):
         _perturb_lora(policy.model, seed=seed)
         ours = engine.generate(prompts, params)
-        assert engine.last_sync_s < 1.0
+        assert engine.last_sync_s > 0  # the adapter was copied in (how fast is benchmarked, not tested)
+        gaps = []
         for prompt, group in zip(prompts, ours):  # the first token's log-probability is the live policy's
             lp = _logprobs(policy.model, prompt)
-            assert abs(group[0].logprobs[0] - float(lp[group[0].token_ids[0]])) < FP32_LOGP
+            gaps.append(abs(group[0].logprobs[0] - float(lp[group[0].token_ids[0]])))
+        print(f"first-token log-probabilities, vLLM against the live policy: at most {max(gaps):.1e} nats apart")
+        assert max(gaps) < FP32_LOGP
         native = NativeEngine(policy.model, policy.tokenizer).generate(prompts, params)
         _check_agreement(policy, prompts, ours, native)
     assert [g[0].token_ids for g in ours] != old
