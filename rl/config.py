@@ -96,6 +96,7 @@ class RolloutSection:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    stop_token_ids: list[int] | None = None  # tokens that also end a completion, besides the model's EOS
     # Truncated importance sampling: per-token weights exp(old_logps - sampling_logps) clipped at this cap
     # correct for the engine's numerics differing from the trainer's. 0 turns it off.
     importance_sampling_cap: float = 2.0
@@ -116,6 +117,8 @@ class RolloutSection:
                "use a temperature > 0 (1.0 is usual)")
         _check(0.0 < self.top_p <= 1.0, f"rollout.top_p is {self.top_p}; use a value in (0, 1]")
         _check(self.top_k >= 0, f"rollout.top_k is {self.top_k}; use 0 (off) or a positive count")
+        _check(self.stop_token_ids is None or all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids),
+               f"rollout.stop_token_ids is {self.stop_token_ids}; use a list of token ids (integers >= 0) or null")
         _check(self.vllm_kv_cache_gb > 0, f"rollout.vllm_kv_cache_gb is {self.vllm_kv_cache_gb}; use e.g. 1.0")
         _check(0 < self.vllm_gpu_memory_utilization < 1, f"rollout.vllm_gpu_memory_utilization is "
                f"{self.vllm_gpu_memory_utilization}; use a fraction in (0, 1), e.g. 0.3")

@@ -35,11 +35,12 @@ from rl.data import PromptStream, is_chat, load_dataset, tokenize_all
 from rl.errors import ConfigError
 from rl.logprobs import completion_logps
 from rl.loop import TrainerBase, collate, pad_rows
-from rl.model import resolve_source
+from rl.model import resolve_source, unwrap
 from rl.objectives import grpo_loss, group_advantages
 from rewards import RewardRunner
 from rewards.sandbox import Limits
 from rollout import SamplingParams, make_engine
+from rollout.native import eos_token_ids
 from rollout.vllm_engine import unsupported_reason
 
 log = logging.getLogger("tandem")
@@ -149,8 +150,12 @@ class GRPOTrainer(TrainerBase):
 
     def rollout(self, rows: list[int], step: int) -> dict:
         g, rc = self.cfg.grpo.num_generations, self.cfg.rollout
+        stop = None  # the engine's default: the model's EOS
+        if rc.stop_token_ids:
+            stop = sorted(set(rc.stop_token_ids) | set(eos_token_ids(unwrap(self.policy.model), self.tokenizer)))
         params = SamplingParams(max_tokens=rc.max_tokens, temperature=rc.temperature, top_p=rc.top_p,
-                                top_k=rc.top_k, n=g, seed=self.cfg.train.seed * 1_000_003 + step)
+                                top_k=rc.top_k, n=g, seed=self.cfg.train.seed * 1_000_003 + step,
+                                stop_token_ids=stop)
         if self.sharded:  # the replica takes the updated weights, gathered from the shards
             shards = dict(self.model.named_parameters())
             with torch.no_grad():

@@ -37,6 +37,11 @@ log = logging.getLogger("tandem")
 def _stop_ids(model, tokenizer, params: SamplingParams) -> list[int]:
     if params.stop_token_ids is not None:
         return list(params.stop_token_ids)
+    return eos_token_ids(model, tokenizer)
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """The tokens that end a completion by default: the generation config's and the tokenizer's EOS."""
     ids = model.generation_config.eos_token_id
     ids = [ids] if isinstance(ids, int) else list(ids or [])
     if tokenizer is not None and tokenizer.eos_token_id is not None:
