@@ -1,6 +1,6 @@
 """The trainer's gradient against an independent reference, on batches that can expose its bugs.
 
-The tiny random model ends completions early here (rollout.stop_token_ids: one vocabulary id in seven ends a
+Prompts have different lengths (left padding matters), and the tiny random model ends completions early here (rollout.stop_token_ids: one vocabulary id in seven ends a
 completion), so a step's completions have different lengths and some are truncated: padding, the loss mask,
 per-sequence against per-token normalization, `mask_truncated_completions` and the alignment of every
 completion with its log-probabilities all matter. Micro-batches of 3 over 8 sequences leave a short last
@@ -10,6 +10,8 @@ log-prob kernel, no padding, no micro-batches), the rewards from the reward func
 the reference policy as the model with its adapters disabled. Its gradient must equal the one the trainer
 accumulated before its optimizer step (fp32: rtol 1e-4, summation order only).
 """
+
+import json
 
 import pytest
 import torch
@@ -22,8 +24,16 @@ STOP = list(range(3, 49152, 7))  # ~1 token in 7 ends a completion of the random
 MICRO_BATCH = 3
 
 
+def _prompts_of_distinct_lengths(path) -> str:
+    """Every prompt a different length: the step's two prompts are padded against each other."""
+    rows = [{"prompt": "Say " + "yes " * k} for k in range(1, 17)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
 def _run_one_step(tmp_path, grpo: dict, rollout: dict, perturb_lora: bool):
     cfg = run_config(tmp_path, grpo={"num_generations": 4, "prompts_per_step": 2, **grpo},
+                     data={"task": None, "path": _prompts_of_distinct_lengths(tmp_path / "prompts.jsonl")},
                      rollout={"max_tokens": 8, "stop_token_ids": STOP, "importance_sampling_cap": 0.0, **rollout},
                      train={"max_steps": 1, "micro_batch_size": MICRO_BATCH})
     trainer = GRPOTrainer(cfg)
@@ -121,6 +131,7 @@ def test_the_step_gradient_equals_an_independent_reference(tmp_path, case):
     lengths = [len(c) for c in batch["completion_ids"]]
     # the batch can expose what it is meant to: completions of several lengths, stopped and truncated ones
     assert len(set(lengths)) >= 3 and 0 < int(batch["truncated"].sum()) < len(lengths), lengths
+    assert len({len(p) for p in batch["prompt_ids"]}) == 2  # the prompts are padded
     advantages = _hand_advantages(batch, cfg.grpo.num_generations)
     torch.testing.assert_close(seen["advantages"].float(), advantages, rtol=1e-5, atol=1e-6)
 
