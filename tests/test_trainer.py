@@ -47,25 +47,54 @@ def test_existing_run_is_not_overwritten(tmp_path):
         GRPOTrainer(cfg)
 
 
+def _optimizer_state(trainer) -> dict:
+    names = {id(p): k for k, p in trainer.model.named_parameters()}
+    return {(names[id(p)], key): t.detach().cpu().clone() for group in trainer.optimizer.param_groups
+            for p in group["params"] for key, t in trainer.optimizer.state.get(p, {}).items() if torch.is_tensor(t)}
+
+
 @pytest.mark.parametrize("loss_type,iterations,beta", [("dapo", 1, 0.0), ("grpo", 2, 0.05)])
 def test_resume_gives_the_same_next_step(tmp_path, loss_type, iterations, beta):
+    """Three steps straight against two, a checkpoint, and a resumed third: the same metrics, and after the
+    last optimizer step the same weights, Adam moments and step counts, and learning-rate schedule (warmup
+    then linear decay, so a schedule restored at the wrong position changes the update)."""
     grpo = {"loss_type": loss_type, "num_iterations": iterations, "beta": beta}
-    straight = run_config(tmp_path / "a", grpo=grpo, train={"max_steps": 3})
-    GRPOTrainer(straight).train()
+    schedule = {"lr_scheduler": "linear", "warmup_steps": 2}
+    straight = run_config(tmp_path / "a", grpo=grpo, train={"max_steps": 3, **schedule})
+    whole = GRPOTrainer(straight)
+    whole.train()
     expected = read_metrics(tmp_path / "a" / "run" / "metrics.jsonl")
 
-    first = run_config(tmp_path / "b", grpo=grpo, train={"max_steps": 2, "save_every": 2})
-    GRPOTrainer(first).train()
-    resumed = run_config(tmp_path / "b", grpo=grpo, train={"max_steps": 3, "save_every": 2})
-    trainer = GRPOTrainer(resumed, resume="latest")
+    # the same run (the schedule's length is the run's), stopped after its checkpoint at step 2
+    config = run_config(tmp_path / "b", grpo=grpo, train={"max_steps": 3, "save_every": 2, **schedule})
+    crashing = GRPOTrainer(config)
+    step = crashing.train_step
+
+    def crash_at_3(n):
+        if n == 3:
+            raise KeyboardInterrupt("stopped after the checkpoint of step 2")
+        return step(n)
+
+    crashing.train_step = crash_at_3
+    with pytest.raises(KeyboardInterrupt):
+        crashing.train()
+    trainer = GRPOTrainer(config, resume="latest")
     assert trainer.step == 2
     trainer.train()
     got = read_metrics(tmp_path / "b" / "run" / "metrics.jsonl")
     assert [r["step"] for r in got] == [1, 2, 3]
-    for key in ("reward", "loss", "grad_norm", "entropy", "completions/mean_length"):
+    for key in ("reward", "loss", "grad_norm", "entropy", "completions/mean_length", "learning_rate"):
         assert got[2][key] == pytest.approx(expected[2][key], rel=1e-5, abs=1e-7), key
     if beta:
         assert got[2]["kl"] == pytest.approx(expected[2]["kl"], rel=1e-4, abs=1e-9)
+    assert len({r["learning_rate"] for r in expected}) > 1  # the schedule moves (warmup 0.5, 1, then decay)
+    assert trainer.scheduler.state_dict() == whole.scheduler.state_dict()
+    for k, v in lora_state(whole.model).items():
+        torch.testing.assert_close(lora_state(trainer.model)[k], v, rtol=1e-5, atol=1e-7)
+    want, have = _optimizer_state(whole), _optimizer_state(trainer)
+    assert want.keys() == have.keys() and len(want) > 0
+    for k, v in want.items():
+        torch.testing.assert_close(have[k], v, rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "gspo"])
