@@ -1,7 +1,10 @@
 """`python -m rl.plot RUN_DIR [RUN_DIR ...] [-o curves.png]`: PNG curves of a run's metrics.jsonl.
 
-Four panels: reward, KL (when beta > 0; otherwise the policy entropy), completion length and rollout
-throughput. Several run directories (e.g. seeds) are drawn on the same axes.
+Four panels. A GRPO run: reward, KL (when beta > 0; otherwise the policy entropy), completion length and
+rollout throughput. A DPO, ORPO, KTO or SFT run (no rollout, no `reward`): the first four of loss, reward
+margin, preference accuracy, KL (KTO), NLL (ORPO), tokens per step (SFT), gradient norm and learning rate
+that the run writes (rl/offline.py's metric names). Several run directories (e.g. seeds) are drawn on the
+same axes.
 """
 
 from __future__ import annotations
@@ -13,6 +16,12 @@ from pathlib import Path
 
 PANELS = [("reward", "reward"), ("kl", "KL to reference"), ("completions/mean_length", "completion length (tokens)"),
           ("throughput/rollout_tokens_per_s", "rollout tokens/s")]
+NO_KL = ("entropy", "policy entropy (no KL term: beta = 0)")
+# candidates for runs without a rollout, most telling first: each objective writes a different subset
+OFFLINE_PANELS = [("loss", "loss"), ("rewards/margins", "reward margin, chosen - rejected"),
+                  ("rewards/accuracies", "preference accuracy"), ("kl", "KL to reference (KTO's estimate)"),
+                  ("nll_loss", "NLL of the chosen completion (ORPO)"), ("num_tokens", "tokens per step (SFT)"),
+                  ("grad_norm", "gradient norm"), ("learning_rate", "learning rate")]
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -30,7 +39,16 @@ def smooth(values: list[float], window: int) -> list[float]:
     return out
 
 
-def plot(run_dirs: list[Path], output: Path, window: int = 5) -> Path:
+def choose_panels(runs: dict[Path, list[dict]]) -> list[tuple[str, str]]:
+    """(metric, title) of the panels to draw, from the metrics the runs wrote."""
+    written = {k for rows in runs.values() for r in rows for k, v in r.items() if v is not None}
+    if "reward" in written:  # a run with a rollout: GRPO
+        return [p if p[0] != "kl" or "kl" in written else NO_KL for p in PANELS]
+    return [p for p in OFFLINE_PANELS if p[0] in written][:4]
+
+
+def figure(run_dirs: list[Path], window: int = 5):
+    """A matplotlib Figure with the runs' curves (a faint raw line and its moving average per run)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -38,22 +56,31 @@ def plot(run_dirs: list[Path], output: Path, window: int = 5) -> Path:
 
     runs = {d: read_metrics(d) for d in run_dirs}
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    for ax, (key, title) in zip(axes.flat, PANELS):
-        shown_key = key
-        if key == "kl" and not any("kl" in r for rows in runs.values() for r in rows):
-            shown_key, title = "entropy", "policy entropy (no KL term: beta = 0)"
+    panels = choose_panels(runs)
+    for ax in axes.flat[len(panels):]:  # a run that writes fewer than four of the metrics
+        ax.set_visible(False)
+    for ax, (key, title) in zip(axes.flat, panels):
         for d, rows in runs.items():
-            steps = [r["step"] for r in rows if r.get(shown_key) is not None]
-            values = [r[shown_key] for r in rows if r.get(shown_key) is not None]
+            steps = [r["step"] for r in rows if r.get(key) is not None]
+            values = [r[key] for r in rows if r.get(key) is not None]
             if not values:
                 continue
             line, = ax.plot(steps, values, alpha=0.3)
-            ax.plot(steps, smooth(values, window), color=line.get_color(), label=d.name)
+            ax.plot(steps, smooth(values, window), color=line.get_color(), label=d.name,
+                    marker="o" if len(values) == 1 else None)  # a one-step run is a point, not a line
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
+    if panels:
+        axes.flat[0].legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot(run_dirs: list[Path], output: Path, window: int = 5) -> Path:
+    fig = figure(run_dirs, window)  # (chooses the Agg backend before pyplot is imported)
+    import matplotlib.pyplot as plt
+
     fig.savefig(output, dpi=110)
     plt.close(fig)
     return output
