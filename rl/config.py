@@ -370,6 +370,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         options = typing.get_args(annotation)
         if value is None and type(None) in options:
             return None
+        if isinstance(value, str) and str in options and "," not in value:
+            return value  # list[str] | str: one word is the string ("all-linear"), "a,b" the list
         errors = []
         for option in (o for o in options if o is not type(None)):
             try:

@@ -103,16 +103,11 @@ def table_keys() -> list[str]:
 
 # Keys that the table names rightly but the code mishandles (not this test's to fix; strict, so that the fix
 # shows up here as an unexpected pass)
-BROKEN = {"lora.target_modules": "`--lora.target_modules all-linear` becomes the list ['all-linear'] (the list "
-                                 "type is tried before the string), which PEFT then looks for as a module name"}
-
-
 def test_the_table_lists_keys():
     assert len(table_keys()) >= 30 and "model.name" in table_keys()
 
 
-@pytest.mark.parametrize("key", [pytest.param(k, marks=pytest.mark.xfail(reason=BROKEN[k], strict=True))
-                                 if k in BROKEN else k for k in table_keys()])
+@pytest.mark.parametrize("key", table_keys())
 def test_a_key_in_the_table_is_a_config_key_that_overrides_accept(key):
     section_name, name = key.split(".")
     schema = next((s for s in (GRPORunConfig, OfflineRunConfig)

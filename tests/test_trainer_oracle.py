@@ -1,7 +1,8 @@
 """The trainer's gradient against an independent reference, on batches that can expose its bugs.
 
-Prompts have different lengths (left padding matters), and the tiny random model ends completions early here (rollout.stop_token_ids: one vocabulary id in seven ends a
-completion), so a step's completions have different lengths and some are truncated: padding, the loss mask,
+Prompts have different lengths (left padding matters), and the tiny random model ends completions early
+here (rollout.stop_token_ids: one vocabulary id in seven ends a completion), so a step's completions have
+different lengths and some are truncated: padding, the loss mask,
 per-sequence against per-token normalization, `mask_truncated_completions` and the alignment of every
 completion with its log-probabilities all matter. Micro-batches of 3 over 8 sequences leave a short last
 one (3, 3, 2). The reference recomputes the step from what the rollout returned, by the formulas in the
