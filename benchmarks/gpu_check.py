@@ -2,8 +2,9 @@
 
     python benchmarks/gpu_check.py [--out DIR] [--commit SHA] [--steps 3] [--no-peers]
 
-1. tests: every test marked `gpu`, and those marked `vllm` (on the GPU where vLLM is installed; skipped
-   where it is not: the summary says which).
+1. tests: every test marked `gpu`, those marked `vllm` (on the GPU where vLLM is installed; skipped where it
+   is not: the summary lists every skip and its reason), and the kernel tests that run on CUDA whenever
+   there is one (compiled Triton kernels against their torch twins: KERNEL_TESTS).
 2. the capped step: GRPO steps of the Qwen2.5-1.5B shape (QLoRA NF4 r16, one prompt x 8 completions of 1,024
    tokens) under train.gpu_memory_gb 16, as on a 16 GiB card: the scheduler's plan and each phase's peak.
 3. the step beside the peers: the Qwen2.5-1.5B QLoRA step at 8 x 256 for Tandem, Unsloth and TRL
@@ -27,6 +28,9 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# not marked gpu: on a CPU they run the kernels through Triton's interpreter, on CUDA compiled
+KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_decode_attention.py", "tests/test_merge_lora.py",
+                "tests/test_nf4_matmul.py", "tests/test_selective_logprobs.py"]
 
 
 def run_logged(name: str, cmd: list[str], out: Path, timeout: int) -> tuple[int, float]:
@@ -45,14 +49,23 @@ def run_logged(name: str, cmd: list[str], out: Path, timeout: int) -> tuple[int,
     return code, seconds
 
 
-def test_counts(xml_path: Path) -> dict:
-    if not xml_path.is_file():
-        return {"tests": 0, "failures": 0, "errors": 1, "skipped": 0, "failed": ["(no report: pytest did not finish)"]}
-    root = ET.parse(xml_path).getroot()
-    suite = root if root.tag == "testsuite" else root.find("testsuite")
-    counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
-    counts["failed"] = [f"{case.get('classname')}::{case.get('name')}" for case in suite.iter("testcase")
-                        if case.find("failure") is not None or case.find("error") is not None]
+def test_counts(xml_paths: list[Path]) -> dict:
+    counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0, "failed": [], "skips": []}
+    for xml_path in xml_paths:
+        if not xml_path.is_file():
+            counts["errors"] += 1
+            counts["failed"].append(f"(no report from {xml_path.stem}: pytest did not finish)")
+            continue
+        root = ET.parse(xml_path).getroot()
+        suite = root if root.tag == "testsuite" else root.find("testsuite")
+        for k in ("tests", "failures", "errors", "skipped"):
+            counts[k] += int(suite.get(k, 0))
+        for case in suite.iter("testcase"):
+            name = f"{case.get('classname')}::{case.get('name')}"
+            if case.find("failure") is not None or case.find("error") is not None:
+                counts["failed"].append(name)
+            elif case.find("skipped") is not None:
+                counts["skips"].append(f"{name} ({case.find('skipped').get('message', '')[:80]})")
     return counts
 
 
@@ -79,10 +92,13 @@ def main(argv=None) -> int:
                                         text=True).stdout.strip() or "unknown"
     py = sys.executable
 
-    code, test_s = run_logged("tests", [py, "-m", "pytest", "-q", "-m", "gpu or vllm", "-p", "no:cacheprovider",
-                                        "-rfE", "--durations=10", f"--junitxml={out / 'tests.xml'}", "tests"],
+    pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEsP", "--durations=10"]  # P: passed tests' prints
+    code, test_s = run_logged("tests", pytest + ["-m", "gpu or vllm", f"--junitxml={out / 'tests.xml'}", "tests"],
                               out, a.tests_timeout)
-    tests = test_counts(out / "tests.xml")
+    kernel_code, kernel_s = run_logged("kernel_tests", pytest + [f"--junitxml={out / 'kernel_tests.xml'}",
+                                                                 *KERNEL_TESTS], out, a.tests_timeout)
+    code, test_s = max(code, kernel_code), test_s + kernel_s
+    tests = test_counts([out / "tests.xml", out / "kernel_tests.xml"])
     capped_code, capped_s = run_logged(
         "capped_step", [py, "benchmarks/bench_grpo.py", "--shapes", "qwen2.5-1.5b", "--impls", "tandem",
                         "--cap-gb", "16", "--tokens", "1024", "--steps", "2", "--json", str(out / "capped.json")],
@@ -96,10 +112,12 @@ def main(argv=None) -> int:
     lines = [f"GPU gate, {datetime.date.today()}, commit {commit}, {torch.cuda.get_device_name()}, "
              f"torch {torch.__version__}: `python benchmarks/gpu_check.py`", "",
              "| part | result | seconds |", "|---|---|---|",
-             f"| tests marked gpu or vllm | {passed} passed, {tests['failures'] + tests['errors']} failed, "
-             f"{tests['skipped']} skipped (exit {code}) | {test_s:.0f} |"]
+             f"| tests marked gpu or vllm, and the kernel tests on CUDA | {passed} passed, "
+             f"{tests['failures'] + tests['errors']} failed, {tests['skipped']} skipped (exit {code}) | {test_s:.0f} |"]
     for name in tests["failed"]:
         lines.append(f"| failed | {name} | |")
+    for name in tests["skips"]:
+        lines.append(f"| skipped | {name} | |")
     for r in bench_rows(out / "capped.json"):
         if "error" in r:
             lines.append(f"| capped step, 1.5B, 8 x 1024, 16 GiB | error: {r['error']} | {capped_s:.0f} |")
