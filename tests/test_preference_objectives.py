@@ -23,7 +23,8 @@ def test_dpo_loss_types_by_hand():
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
     losses, cr, rj = dpo_loss(pc, pr, rc, rr, beta, "sigmoid")
     torch.testing.assert_close(losses, _t(-math.log(sig(0.75)), math.log(2.0)))
-    torch.testing.assert_close(cr, _t(0.5, 0.25)) and torch.testing.assert_close(rj, _t(-0.25, 0.25))
+    torch.testing.assert_close(cr, _t(0.5, 0.25))  # beta * (policy - reference), each side
+    torch.testing.assert_close(rj, _t(-0.25, 0.25))
     ls = 0.1
     losses, _, _ = dpo_loss(pc, pr, rc, rr, beta, "sigmoid", label_smoothing=ls)
     torch.testing.assert_close(losses, -(1 - ls) * torch.log(torch.sigmoid(beta * d)) - ls * torch.log(
