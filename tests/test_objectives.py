@@ -30,11 +30,63 @@ def test_loss_types_match_hand_computed_values(loss_type):
     loss, metrics = grpo_loss(LOGPS, OLD, None, ADV, MASK, loss_type=loss_type, epsilon=0.2,
                               max_completion_length=4)
     assert loss.item() == pytest.approx(EXPECTED[loss_type], abs=1e-6)
-    if loss_type != "gspo":
-        # only row 0's third token (ratio 1.2214 > 1.2 with A > 0) is clipped: 1 of 5 tokens
-        assert metrics["clip_ratio/high_mean"].item() == pytest.approx(0.2)
-        assert metrics["clip_ratio/low_mean"].item() == 0.0
-        assert metrics["clip_ratio/region_mean"].item() == pytest.approx(0.2)
+    # per token: only row 0's third token (ratio 1.2214 > 1.2 with A > 0) is clipped, 1 of 5 tokens; gspo's
+    # sequence ratios e^0.1 and e^-0.1 are inside [0.8, 1.2], so nothing is (outside: the GSPO tests below)
+    clipped = 0.0 if loss_type == "gspo" else 0.2
+    assert metrics["clip_ratio/high_mean"].item() == pytest.approx(clipped)
+    assert metrics["clip_ratio/low_mean"].item() == 0.0
+    assert metrics["clip_ratio/region_mean"].item() == pytest.approx(clipped)
+
+
+# GSPO with sequence ratios outside the clip range [1 - 0.2, 1 + 0.28] on both sides and advantages of both
+# signs. Per-token log ratios (logps - old) vary within a row, so only their masked MEAN gives the sequence
+# ratio s; row 1's padding carries a log ratio of +2.0 that must not count (counted, its mean would be 0.47).
+#   row 0: 0.5, 0.1, 0.3 -> mean  0.3, s = e^0.3  = 1.3498588, A = +1.0: above 1.28 with A > 0: clipped high
+#   row 1: -0.2, -0.4    -> mean -0.3, s = e^-0.3 = 0.7408182, A = -0.5: below 0.8 with A < 0: clipped low
+#   row 2: 0.3, 0.3      -> mean  0.3, s = 1.3498588,          A = -1.0: above, but A < 0: not clipped
+#   row 3: -0.3 x 3      -> mean -0.3, s = 0.7408182,          A = +2.0: below, but A > 0: not clipped
+GSPO_LOGPS = torch.tensor([[-0.5, -1.9, -0.7], [-1.2, -1.4, 1.0], [-0.7, -0.7, 0.0], [-1.3, -1.3, -1.3]])
+GSPO_OLD = torch.tensor([[-1.0, -2.0, -1.0], [-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0], [-1.0, -1.0, -1.0]])
+GSPO_MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+GSPO_ADV = torch.tensor([1.0, -0.5, -1.0, 2.0])
+
+
+def test_gspo_clips_whole_sequences_on_both_sides():
+    # each row's token loss is -min(s A, clip(s) A), the same for all its tokens, so the row's mean is that:
+    #   row 0: -min(1.3498588, 1.28)            = -1.28       (clipped: the constant 1.28, no gradient)
+    #   row 1: -min(-0.3704091, 0.8 * -0.5)     =  0.4        (clipped: the constant 0.4, no gradient)
+    #   row 2: -min(-1.3498588, 1.28 * -1)      =  1.3498588
+    #   row 3: -min(1.4816364, 0.8 * 2)         = -1.4816364
+    # gspo normalizes as grpo: the mean of the rows' means
+    expected = (-1.28 + 0.4 + math.exp(0.3) - 2 * math.exp(-0.3)) / 4  # -0.2529444
+    logps = GSPO_LOGPS.clone().requires_grad_(True)
+    loss, metrics = grpo_loss(logps, GSPO_OLD, None, GSPO_ADV, GSPO_MASK, loss_type="gspo", epsilon=0.2,
+                              epsilon_high=0.28)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    # clip metrics count tokens (masked): row 0's 3 of the 10 real tokens are clipped high, row 1's 2 low
+    assert metrics["clip_ratio/high_mean"].item() == pytest.approx(0.3)
+    assert metrics["clip_ratio/low_mean"].item() == pytest.approx(0.2)
+    assert metrics["clip_ratio/region_mean"].item() == pytest.approx(0.5)
+
+    # the gradient: zero for the clipped rows; for the others d/dlogp_t of -s A / 4 with ds/dlogp_t = s / |y|
+    # (s = exp of the mean over the row's |y| real tokens): row 2: e^0.3 / (4 * 2), row 3: -2 e^-0.3 / (4 * 3);
+    # padding gets nothing
+    loss.backward()
+    g2, g3 = math.exp(0.3) / 8, -2 * math.exp(-0.3) / 12  # 0.1687324, -0.1234697
+    expected_grad = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [g2, g2, 0.0], [g3, g3, g3]])
+    torch.testing.assert_close(logps.grad, expected_grad, atol=1e-6, rtol=0)
+
+
+def test_gspo_clip_range_is_asymmetric_as_given():
+    # swapped (epsilon 0.28, epsilon_high 0.2): the range is [0.72, 1.2]; row 1's s = 0.7408 is inside now, so
+    # row 1 loses -s A = 0.3704091 (unclipped) and only row 0 (s = 1.3499 > 1.2, A > 0) is clipped, at 1.2
+    loss, metrics = grpo_loss(GSPO_LOGPS, GSPO_OLD, None, GSPO_ADV, GSPO_MASK, loss_type="gspo", epsilon=0.28,
+                              epsilon_high=0.2)
+    expected = (-1.2 + 0.5 * math.exp(-0.3) + math.exp(0.3) - 2 * math.exp(-0.3)) / 4
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert metrics["clip_ratio/high_mean"].item() == pytest.approx(0.3)
+    assert metrics["clip_ratio/low_mean"].item() == 0.0
+    assert metrics["clip_ratio/region_mean"].item() == pytest.approx(0.3)
 
 
 def test_k3_kl_term():
