@@ -1,6 +1,9 @@
 """On a CUDA GPU: one GRPO loss-and-backward of the Qwen2.5-0.5B shape (4-bit NF4 base, LoRA r16) with
 Tandem's kernels patched in agrees with the unpatched model.
 
+The unpatched reference runs no Triton kernel of ours (TANDEM_KERNELS=torch): completion_logps would otherwise
+take the Triton log-probability kernel for any CUDA tensor, on both sides of the comparison.
+
 Two comparisons, because a random-init 24-layer model is chaotic: rounding differences grow by orders of
 magnitude on their way back to the first layers' adapters.
   - fp32 compute (the NF4 weights dequantized to fp32, the kernels compiled for fp32): loss within 1e-5
@@ -67,10 +70,12 @@ def relative_error(grads, ref):
 
 
 @pytest.mark.parametrize("dtype,loss_tol,grad_tol", [("float32", 1e-5, 1e-3), ("bfloat16", 1e-2, 6e-2)])
-def test_grpo_step_with_kernels_on_and_off_agrees(dtype, loss_tol, grad_tol):
+def test_grpo_step_with_kernels_on_and_off_agrees(monkeypatch, dtype, loss_tol, grad_tol):
     model = policy(dtype)
     data = batch()
+    monkeypatch.setenv("TANDEM_KERNELS", "torch")  # the reference: PyTorch only, log-probabilities included
     ref_loss, ref = step(model, *data)
+    monkeypatch.setenv("TANDEM_KERNELS", "triton")
     assert set(patch_model(model)) == {"rms_norm", "swiglu", "rope", "nf4_lora_linear"}
     loss, ours = step(model, *data)
     unpatch_model(model)
