@@ -91,13 +91,27 @@ def _complete(root: Path, tmp: Path, step: int, optimizer_payload: dict, state: 
     return final
 
 
+def name_base_model(directory: Path, name: str) -> None:
+    """Set adapter_config.json's base model (if the directory holds an adapter) to the user's model.name. PEFT
+    writes the directory the base was loaded from, a cache path (the GGUF conversion's, a random model's), or
+    nothing for a model built in memory: neither tells whoever loads the adapter later which base it needs."""
+    path = Path(directory) / "adapter_config.json"
+    if path.is_file():
+        config = json.loads(path.read_text())
+        config["base_model_name_or_path"] = name
+        path.write_text(json.dumps(config, indent=2, sort_keys=True))
+
+
 def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict, keep: int,
-                    optimizer_state: dict | None = None) -> Path:
-    """optimizer_state: what to write for the optimizer instead of optimizer.state_dict()."""
+                    optimizer_state: dict | None = None, base_model: str | None = None) -> Path:
+    """optimizer_state: what to write for the optimizer instead of optimizer.state_dict(); base_model: the
+    name an adapter's config gives its base (name_base_model)."""
     _clear_stale(root)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-step-{step:06d}-"))
     try:
         model.save_pretrained(tmp)
+        if base_model is not None:
+            name_base_model(tmp, base_model)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -11,10 +11,14 @@ subclasses: they differ in where a batch comes from and in the loss, not in how 
 Under torchrun every rank runs this loop (rl/distributed.py): subclasses take their rank's share of each
 step's data, gradients are averaged over ranks before each optimizer step, metrics are averaged over ranks
 and rank 0 writes them and the checkpoints.
+
+Rank 0 also says how the run is doing (rl/health.py): a start-up summary, a warning when the metrics show that
+nothing is being learned, and closing lines naming where the results are and the command that resumes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -22,13 +26,16 @@ from pathlib import Path
 
 import torch
 import yaml
+from tqdm.contrib.logging import logging_redirect_tqdm
 
-from rl.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, save_sharded_checkpoint
+from rl.checkpoint import (list_checkpoints, load_checkpoint, name_base_model, save_checkpoint,
+                           save_sharded_checkpoint)
 from rl.config import to_dict
-from rl.distributed import (average_gradients, finish, full, full_model_state, full_states, init_from_env,
+from rl.distributed import (active, average_gradients, finish, full, full_model_state, full_states, init_from_env,
                             mean_over_ranks, shard)
 from rl.errors import ConfigError, TrainingError
-from rl.model import load_policy, resolve_device
+from rl.health import HealthMonitor, closing_lines, hints, startup_summary
+from rl.model import load_policy, resolve_device, resolve_dtype
 from rl.tracking import Tracker
 from rollout.scheduler import MemoryScheduler
 
@@ -79,10 +86,33 @@ def _plain_model(config, state: dict):
     return plain
 
 
+class _Heard(logging.Handler):
+    """While in its `with`, keeps the last tandem log message that starts with `prefix` (what follows it)."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix, self.last = prefix, None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith(self.prefix):
+            self.last = message[len(self.prefix):].strip()
+
+    def __enter__(self) -> _Heard:
+        log.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        log.removeHandler(self)
+
+
 class TrainerBase:
     def __init__(self, cfg, resume: str | None = None):
         self.cfg = cfg
         self.rank, self.world = init_from_env()  # torchrun's process group, or a world of one
+        # a group that a library makes later (vLLM makes a world of one) is not ours to leave: its own exit hook
+        # destroys it, and fails with a traceback when we have done so already
+        self.joined_group = active()
         self.out = Path(cfg.train.output_dir)
         self._check_output_dir(resume)
         if cfg.train.num_threads:
@@ -101,7 +131,9 @@ class TrainerBase:
                 self.replica = copy.deepcopy(self.model).requires_grad_(False)
             shard(self.model, self.policy.device)
             self.memory.offload_optimizer_setting = False  # FSDP's optimizer state is sharded already
-        self.setup()
+        with _Heard("rollout engine:") as engine_choice:  # rollout/select.py's choice and its reason
+            self.setup()
+        self.engine_choice = engine_choice.last
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate,
@@ -172,32 +204,81 @@ class TrainerBase:
     # ------------------------------------------------------------------------------------ the loop
 
     def train(self) -> None:
-        cfg = self.cfg.train
         ok = False
         try:
-            while self.step < cfg.max_steps:
-                self.step += 1
-                metrics = mean_over_ranks(self.train_step(self.step))
-                metrics["train/skipped_steps"] = self.skipped_steps
-                self.tracker.log(self.step, metrics)
-                if self.skipped_in_a_row >= cfg.max_skipped_steps:
-                    found = list_checkpoints(self.out / "checkpoints")
-                    raise TrainingError(
-                        f"step {self.step}: the loss or its gradients were not finite for {self.skipped_in_a_row} "
-                        f"steps in a row, so the run stops (no update was applied in those steps). "
-                        + (f"The last checkpoint, {found[-1]}, is intact: resume from it with --resume and a "
-                           "lower train.learning_rate or train.max_grad_norm." if found else
-                           "There is no checkpoint yet: lower train.learning_rate or train.max_grad_norm."))
-                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
-                    self.save_checkpoint()
-            self.save_final()
-            ok = True
+            with self._above_the_bar():
+                self._say(self._summary())
+                self._steps()
+                self.save_final()
+                ok = True
+                self._say(closing_lines(self.cfg, module=self.module, step=self.step, world=self.world))
         finally:
             self.tracker.close()
             engine = getattr(self, "engine", None)  # GRPO's: shut down while the process group is there
             if hasattr(engine, "close"):
                 engine.close()
-            finish(ok)
+            if self.joined_group:
+                finish(ok)
+
+    def _steps(self) -> None:
+        cfg = self.cfg.train
+        health = HealthMonitor(hints(self.cfg))
+        while self.step < cfg.max_steps:
+            self.step += 1
+            metrics = mean_over_ranks(self.train_step(self.step))
+            metrics["train/skipped_steps"] = self.skipped_steps
+            self.tracker.log(self.step, metrics)
+            for warning in health.observe(self.step, metrics) if self.rank == 0 else ():
+                log.warning(warning)
+            if self.skipped_in_a_row >= cfg.max_skipped_steps:
+                found = list_checkpoints(self.out / "checkpoints")
+                raise TrainingError(
+                    f"step {self.step}: the loss or its gradients were not finite for {self.skipped_in_a_row} "
+                    f"steps in a row, so the run stops (no update was applied in those steps). "
+                    + (f"The last checkpoint, {found[-1]}, is intact: resume from it with --resume and a "
+                       "lower train.learning_rate or train.max_grad_norm." if found else
+                       "There is no checkpoint yet: lower train.learning_rate or train.max_grad_norm."))
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                self.save_checkpoint()
+
+    # ------------------------------------------------------------------------------------ what the run says
+
+    @property
+    def module(self) -> str:
+        """The command-line module of this run's objective (rl.grpo, rl.dpo, ...)."""
+        return f"rl.{getattr(self, 'objective', 'grpo')}"
+
+    def _above_the_bar(self):
+        """Log lines printed above the progress bar rather than through it, while it is shown."""
+        bar = self.tracker.bar
+        return logging_redirect_tqdm(tqdm_class=type(bar)) if bar is not None else contextlib.nullcontext()
+
+    def _say(self, lines: list[str]) -> None:
+        if self.rank == 0:
+            log.info("\n".join(lines))
+
+    def _summary(self) -> list[str]:
+        device, memory = self.policy.device, self.memory
+        card = torch.cuda.get_device_properties(memory.device).total_memory if memory.cuda else None
+        gib = lambda b: None if b is None else b / 2**30  # noqa: E731
+        dtype = str(resolve_dtype(self.cfg.model.dtype, device)).removeprefix("torch.")
+        return startup_summary(self.cfg, module=self.module, start_step=self.step, world=self.world,
+                               device=str(device), dtype=dtype, threads=torch.get_num_threads(),
+                               engine=self._engine_choice(),
+                               budget_gb=gib(memory.budget), card_gb=gib(card), margin_gb=gib(memory.margin),
+                               rows=self.stream.size)
+
+    def _engine_choice(self) -> str | None:
+        """The rollout engine and why: as rollout/select.py logged it, or (asked for by name, it logs nothing)
+        the setting that chose it."""
+        engine = getattr(self, "engine", None)  # GRPO's; the objectives without a rollout have none
+        if engine is None:
+            return None
+        if self.engine_choice is not None:
+            return self.engine_choice
+        name = "native" if type(engine).__name__ == "NativeEngine" else "vLLM"
+        full = "" if self.cfg.lora.enabled else "; lora.enabled false always takes the native engine"
+        return f"{name} (rollout.engine {self.cfg.rollout.engine}{full})"
 
     def _optimizer_step(self) -> float:
         """Clip and apply the accumulated gradients, unless they (or the loss) are not finite: then the
@@ -238,7 +319,8 @@ class TrainerBase:
         if self.rank != 0:
             return None
         return save_checkpoint(self.out / "checkpoints", self.step, model, self.optimizer, self.scheduler,
-                               self._trainer_state(), self.cfg.train.keep_checkpoints, optimizer_state)
+                               self._trainer_state(), self.cfg.train.keep_checkpoints, optimizer_state,
+                               base_model=self.cfg.model.name)
 
     def _savable(self):
         """(a model whose save_pretrained writes the trained weights, the optimizer state to write or None for
@@ -260,6 +342,7 @@ class TrainerBase:
             return
         name = "model" if self.full_parameters else "adapter"
         model.save_pretrained(self.out / name)
+        name_base_model(self.out / name, self.cfg.model.name)
         self.tokenizer.save_pretrained(self.out / name)
         if self.cfg.train.save_merged and not self.full_parameters:  # (a whole model is its own merge)
             if self.cfg.model.load_in_4bit:

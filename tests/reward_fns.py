@@ -25,3 +25,8 @@ def sleeps(prompts, completions, **kwargs):
 
     time.sleep(5)
     return [0.0 for _ in completions]
+
+
+def constant(prompts, completions, **kwargs):
+    # the same score for every completion: no learning signal at all
+    return [0.5 for _ in completions]
