@@ -157,6 +157,9 @@ class VLLMEngine:
         try:
             self.llm.generate([TokensPrompt(prompt_token_ids=[0])], VLLMSamplingParams(max_tokens=1), use_tqdm=False)
         except Exception as e:  # noqa: BLE001 (vLLM's kernels raise what they raise; the message is kept)
+            self.close()  # its KV cache and weights go now, not at exit: `auto` goes on with the native engine
+            self.llm = None
+            _release_freed_memory()
             raise RuntimeError(f"vLLM {installed_version()} loaded the model but could not generate with it "
                                f"({type(e).__name__}: {_first_line(e)})") from None
 
