@@ -22,15 +22,14 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
-import traceback
 from pathlib import Path
 
 import torch
 import yaml
 
-from rl.errors import ConfigError, DataError, TandemError
+from rl.cli import run_cli
+from rl.errors import ConfigError, DataError
 
 log = logging.getLogger("tandem")
 
@@ -153,12 +152,12 @@ def show(i: int, prompt, outputs: dict[str, tuple[str, bool]]) -> None:
 # ------------------------------------------------------------------------------------ the command
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="rl.generate", description=__doc__.split("\n\n")[0].split(": ", 1)[1],
-                                     epilog="Any config key of the run can be overridden as --section.key value.")
+def parse_args(prog: str, argv: list[str] | None):
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a run's train.output_dir")
-    parser.add_argument("--prompts", type=Path, help="a file of prompts (one per line, or .jsonl with a prompt "
-                        "column); without it, prompts are read from stdin, one per line")
+    parser.add_argument("--prompts", type=Path, metavar="FILE", help="a file of prompts (one per line, or .jsonl "
+                        "with a prompt column); without it, prompts are read from stdin, one per line")
     parser.add_argument("--compare", action=argparse.BooleanOptionalAction, default=True,
                         help="also print the base model's completion (adapters disabled); default on")
     parser.add_argument("--max-tokens", type=int, help="completion length cap (default: the run's "
@@ -211,19 +210,7 @@ def run(args, overrides: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, overrides = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        run(args, overrides)
-    except TandemError as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"rl.generate: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_cli("rl.generate", run, argv, parse=parse_args)
 
 
 if __name__ == "__main__":
