@@ -13,7 +13,8 @@ Layout of `<output_dir>/checkpoints/step-000042/`:
     COMPLETE                                         written last; a directory without it is ignored
 
 Everything is written into a hidden temporary directory, each file fsynced, the directory renamed into place
-and its parent fsynced; only then are checkpoints beyond `keep` deleted, oldest first.
+and its parent fsynced; only then are checkpoints beyond `keep` deleted, oldest first. A run resumed from an
+earlier checkpoint than the latest deletes the later ones (drop_later): they belong to the run it abandons.
 """
 
 from __future__ import annotations
@@ -154,6 +155,24 @@ def list_checkpoints(root: Path) -> list[Path]:
             log.warning("skipping incomplete checkpoint %s (no %s marker: the run stopped while writing it)",
                         path, MARKER)
     return done
+
+
+def drop_later(root: Path, step: int) -> list[str]:
+    """Delete the complete checkpoints under `root` past `step`: those of a run abandoned by resuming from an
+    earlier one. Left in place, `--resume` would later take the abandoned run's latest, and pruning to `keep`
+    (by step number) would delete the resumed run's new checkpoints as soon as they are written. Newest first,
+    each renamed to a `.tmp-step-*` name (atomic) before it is removed: a crash in between leaves only what
+    _clear_stale removes, never a complete checkpoint of the abandoned run newer than one that is gone.
+    -> the names dropped."""
+    dropped = []
+    for path in reversed(list_checkpoints(root)):
+        if int(path.name.removeprefix("step-")) <= step:
+            break
+        doomed = root / f".tmp-{path.name}-abandoned"
+        os.replace(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        dropped.append(path.name)
+    return dropped[::-1]
 
 
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:

@@ -28,7 +28,7 @@ import torch
 import yaml
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from rl.checkpoint import (list_checkpoints, load_checkpoint, name_base_model, save_checkpoint,
+from rl.checkpoint import (drop_later, list_checkpoints, load_checkpoint, name_base_model, save_checkpoint,
                            save_sharded_checkpoint)
 from rl.config import to_dict
 from rl.distributed import (active, average_gradients, finish, full, full_model_state, full_states, init_from_env,
@@ -200,6 +200,11 @@ class TrainerBase:
         self.stream.load_state_dict(state["data"])
         self.skipped_steps = state.get("skipped_steps", 0)
         log.info("resumed from %s at step %d", path, self.step)
+        if self.rank == 0:  # going back (--resume PATH): the later checkpoints belong to the run abandoned here
+            dropped = drop_later(self.out / "checkpoints", self.step)
+            if dropped:
+                log.info("removed the later checkpoints of the run abandoned at step %d: %s (steps %d and on run "
+                         "again)", self.step, ", ".join(dropped), self.step + 1)
 
     # ------------------------------------------------------------------------------------ the loop
 

@@ -182,3 +182,21 @@ def test_the_reported_loss_is_the_batch_loss_whatever_the_micro_batch(tmp_path, 
         losses.append(read_metrics(tmp_path / f"mb{mb}" / "run" / "metrics.jsonl")[0]["loss"])
     assert abs(losses[0]) > 1e-4
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_resuming_from_an_earlier_checkpoint_drops_the_abandoned_later_ones(tmp_path, caplog):
+    """--resume PATH back to step 2 of a 4-step run: steps 3 and 4's checkpoints are removed, with a log line
+    naming them (they were kept, and a later --resume took the abandoned step 4 instead of the new step 3)."""
+    from rl.checkpoint import list_checkpoints
+
+    root = tmp_path / "run" / "checkpoints"
+    GRPOTrainer(run_config(tmp_path, train={"max_steps": 4, "save_every": 1, "keep_checkpoints": 3})).train()
+    assert [p.name for p in list_checkpoints(root)] == ["step-000002", "step-000003", "step-000004"]
+    cfg = run_config(tmp_path, train={"max_steps": 3, "save_every": 1, "keep_checkpoints": 3})
+    with caplog.at_level("INFO", logger="tandem"):
+        GRPOTrainer(cfg, resume=str(root / "step-000002")).train()
+    assert "removed the later checkpoints of the run abandoned at step 2: step-000003, step-000004" in caplog.text
+    assert [p.name for p in list_checkpoints(root)] == ["step-000002", "step-000003"]
+    assert not list(root.glob(".tmp-*"))  # nothing half-removed left behind
+    assert GRPOTrainer(cfg, resume="latest").step == 3
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2, 3]
