@@ -4,15 +4,21 @@ Each function is called once per batch, in its own worker thread, with the promp
 dataset columns it accepts (all of them if it takes **kwargs). Its output is checked: one float or None per
 completion, finite. Anything else stops the run with a RewardError naming the function, the row and the fix,
 rather than training on a silently wrong signal.
+
+A function still running `rewards.timeout_s` seconds after the batch's calls started stops the run too (a
+step cannot go on without its rewards), with a RewardError naming the function, the limit and the fix. Python
+cannot kill a thread, so the late call is left behind; its thread is a daemon, so that it does not keep the
+stopped process alive until it returns (a pool's workers are joined at exit: a function that never returned
+hung the process after the message).
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import inspect
 import math
-import time
 import numbers
+import threading
+import time
 from typing import Callable
 
 import torch
@@ -78,20 +84,31 @@ class RewardRunner:
 
     def __call__(self, prompts: list, completions: list, columns: dict) -> torch.Tensor:
         """-> rewards (N, F): one column per function, NaN where a function returned None."""
-        pool = cf.ThreadPoolExecutor(max_workers=len(self.fns), thread_name_prefix="reward")
-        try:
-            deadline = time.monotonic() + self.timeout_s  # the calls start together: one deadline for all
-            futures = [pool.submit(self._call, i, prompts, completions, columns) for i in range(len(self.fns))]
-            cols = []
-            for name, future in zip(self.names, futures):
-                try:
-                    cols.append(future.result(timeout=max(0.0, deadline - time.monotonic())))
-                except cf.TimeoutError:
-                    raise RewardError(f"reward function {name} took longer than rewards.timeout_s = "
-                                      f"{self.timeout_s:g} s on one batch; make it faster or raise the limit") from None
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
-        return torch.tensor(cols, dtype=torch.float32).T  # (N, F)
+        results: list = [None] * len(self.fns)  # each call's values, or the exception it raised
+
+        def run(i: int) -> None:
+            try:
+                results[i] = self._call(i, prompts, completions, columns)
+            except BaseException as e:  # re-raised in the caller's thread, with its traceback
+                results[i] = e
+
+        threads = [threading.Thread(target=run, args=(i,), name=f"reward-{name}", daemon=True)
+                   for i, name in enumerate(self.names)]
+        deadline = time.monotonic() + self.timeout_s  # the calls start together: one deadline for all
+        for t in threads:
+            t.start()
+        for name, t in zip(self.names, threads):
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+            if t.is_alive():
+                raise RewardError(
+                    f"reward function {name} did not return within rewards.timeout_s = {self.timeout_s:g} s (one "
+                    f"call on {len(completions)} completions), so the run stops: a step cannot go on without its "
+                    f"rewards. Make the function faster, or raise the limit (--rewards.timeout_s "
+                    f"{2 * self.timeout_s:g}, or timeout_s in the YAML's rewards section)")
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return torch.tensor(results, dtype=torch.float32).T  # (N, F)
 
     def combine(self, per_function: torch.Tensor) -> torch.Tensor:
         """Weighted sum over functions, skipping None (NaN) entries: (N, F) -> (N,)."""

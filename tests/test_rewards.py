@@ -119,9 +119,44 @@ def test_runner_rejects_misbehaving_functions(fn, message):
 
 
 def test_runner_timeout():
+    """The message names the function, the limit and the fix (it said "raise the limit" without naming the key's
+    override)."""
     runner = RewardRunner([f"{HERE}/reward_fns.py:sleeps"], timeout_s=0.5)
-    with pytest.raises(RewardError, match="took longer than rewards.timeout_s"):
+    with pytest.raises(RewardError, match=r"reward function sleeps did not return within rewards.timeout_s = 0.5 s "
+                       r".*the run stops.*--rewards.timeout_s 1\b"):
         runner(["q"], ["a"], {})
+
+
+def test_a_reward_that_hangs_stops_the_run_at_once(tmp_path):
+    """`python -m rl.grpo` with a reward that does not return: one message and exit 2, and the process does not
+    wait for the hung call (a pool's worker thread kept the stopped process alive until the function returned:
+    here it would have written its marker file; forever for a function that never returns)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    marker = tmp_path / "returned"
+    (tmp_path / "hangs.py").write_text(
+        "import time\n\n"
+        "def hangs(prompts, completions, **kwargs):\n"
+        "    time.sleep(60)\n"
+        f"    open({str(marker)!r}, 'w').close()\n"
+        "    return [0.0 for _ in completions]\n")
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        "model: {name: 'random:tiny'}\n"
+        "rollout: {engine: native, max_tokens: 4}\n"
+        "grpo: {num_generations: 2, prompts_per_step: 1}\n"
+        "data: {task: arithmetic, num_examples: 4}\n"
+        f"rewards: {{functions: ['{tmp_path / 'hangs.py'}:hangs'], timeout_s: 0.5}}\n"
+        f"train: {{max_steps: 1, num_threads: 1, output_dir: '{tmp_path / 'run'}'}}\n"
+        "tracking: {progress: false}\n")
+    done = subprocess.run([sys.executable, "-m", "rl.grpo", "--config", str(config)], capture_output=True, text=True,
+                          cwd=Path(HERE).parent, timeout=600)
+    assert done.returncode == 2, done.stderr
+    assert "rl.grpo: error: reward function hangs did not return within rewards.timeout_s = 0.5 s" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not marker.exists()  # the process ended without waiting for the call
 
 
 def test_runner_passes_only_accepted_columns():
