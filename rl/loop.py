@@ -86,26 +86,6 @@ def _plain_model(config, state: dict):
     return plain
 
 
-class _Heard(logging.Handler):
-    """While in its `with`, keeps the last tandem log message that starts with `prefix` (what follows it)."""
-
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix, self.last = prefix, None
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if message.startswith(self.prefix):
-            self.last = message[len(self.prefix):].strip()
-
-    def __enter__(self) -> _Heard:
-        log.addHandler(self)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        log.removeHandler(self)
-
-
 class TrainerBase:
     def __init__(self, cfg, resume: str | None = None):
         self.cfg = cfg
@@ -131,9 +111,7 @@ class TrainerBase:
                 self.replica = copy.deepcopy(self.model).requires_grad_(False)
             shard(self.model, self.policy.device)
             self.memory.offload_optimizer_setting = False  # FSDP's optimizer state is sharded already
-        with _Heard("rollout engine:") as engine_choice:  # rollout/select.py's choice and its reason
-            self.setup()
-        self.engine_choice = engine_choice.last
+        self.setup()
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate,
@@ -274,16 +252,12 @@ class TrainerBase:
                                rows=self.stream.size)
 
     def _engine_choice(self) -> str | None:
-        """The rollout engine and why: as rollout/select.py logged it, or (asked for by name, it logs nothing)
-        the setting that chose it."""
+        """The rollout engine and why (rollout/select.py records it on the engine)."""
         engine = getattr(self, "engine", None)  # GRPO's; the objectives without a rollout have none
         if engine is None:
             return None
-        if self.engine_choice is not None:
-            return self.engine_choice
-        name = "native" if type(engine).__name__ == "NativeEngine" else "vLLM"
         full = "" if self.cfg.lora.enabled else "; lora.enabled false always takes the native engine"
-        return f"{name} (rollout.engine {self.cfg.rollout.engine}{full})"
+        return getattr(engine, "selection", type(engine).__name__) + full
 
     def _optimizer_step(self) -> float:
         """Clip and apply the accumulated gradients, unless they (or the loss) are not finite: then the

@@ -23,11 +23,14 @@ def make_engine(kind: str, model, tokenizer, *, model_dir=None, lora_rank: int =
         if reason is None:
             from rollout.vllm_engine import VLLMEngine
 
-            log.info("rollout engine: vLLM (%s)", "requested" if kind == "vllm" else "installed at a tested version")
+            why = "requested" if kind == "vllm" else "installed at a tested version"
+            log.info("rollout engine: vLLM (%s)", why)
             try:
-                return VLLMEngine(model, tokenizer, model_dir, lora_rank=lora_rank, max_model_len=max_model_len,
-                                  kv_cache_gb=kv_cache_gb, gpu_memory_utilization=gpu_memory_utilization,
-                                  share_weights=share_weights, seed=seed)
+                engine = VLLMEngine(model, tokenizer, model_dir, lora_rank=lora_rank, max_model_len=max_model_len,
+                                    kv_cache_gb=kv_cache_gb, gpu_memory_utilization=gpu_memory_utilization,
+                                    share_weights=share_weights, seed=seed)
+                engine.selection = f"vLLM ({why})"
+                return engine
             except RuntimeError as e:
                 if kind == "vllm":
                     how = "" if "rollout.engine native" in str(e) else "; use rollout.engine native"
@@ -38,4 +41,8 @@ def make_engine(kind: str, model, tokenizer, *, model_dir=None, lora_rank: int =
                               f"{', '.join(TESTED_VERSIONS)} (pip install 'tandem-rl[vllm]'); or use "
                               "rollout.engine native")
         log.info("rollout engine: native (%s)", reason)
-    return NativeEngine(model, tokenizer, max_length=max_model_len, read_4bit=decode_4bit)
+    else:
+        reason = f"rollout.engine {kind}"
+    engine = NativeEngine(model, tokenizer, max_length=max_model_len, read_4bit=decode_4bit)
+    engine.selection = f"native ({reason})"  # the start-up summary says which engine runs and why
+    return engine
