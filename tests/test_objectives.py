@@ -150,3 +150,58 @@ def test_group_advantages():
                                torch.tensor([b, -b, -b, b, 0.0, 0.0, 0.0, 0.0]), atol=1e-6, rtol=0)
     with pytest.raises(ValueError):
         group_advantages(rewards, 3)
+
+
+# ------------------------------------------------------------------ cases that mutation testing showed uncovered
+
+
+def test_group_advantages_defaults_and_tiny_batches():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    # the default scale is per group (GRPO), eps 1e-4
+    torch.testing.assert_close(group_advantages(rewards, 4), group_advantages(rewards, 4, "group", 1e-4))
+    # batch scale over 2 rewards: std sqrt(1/2) -> +-0.5 / (0.7071068 + 1e-4)
+    c = 0.5 / (math.sqrt(0.5) + 1e-4)
+    torch.testing.assert_close(group_advantages(torch.tensor([1.0, 0.0]), 2, "batch"), torch.tensor([c, -c]))
+    # one reward: no spread to scale by; its advantage is 0, not NaN
+    torch.testing.assert_close(group_advantages(torch.tensor([3.0]), 1, "batch"), torch.tensor([0.0]))
+    with pytest.raises(ValueError, match="rewards do not split into groups of 3"):
+        group_advantages(rewards, 3)
+    with pytest.raises(ValueError, match="scale must be"):
+        group_advantages(rewards, 4, "GROUP")
+
+
+def test_one_token_completions_are_not_divided_by_more():
+    # a completion that is one token (an immediate end-of-sequence) and a sequence of one token in all:
+    # per-sequence means divide by 1, DAPO's token mean by the one token
+    logps, old = torch.tensor([[-1.0, 0.0]]), torch.tensor([[-1.2, 0.0]])
+    mask, adv = torch.tensor([[1.0, 0.0]]), torch.tensor([1.0])
+    r = math.exp(0.2)  # inside [0.8, 1.28]
+    for loss_type in ("grpo", "gspo", "dapo", "bnpo"):
+        loss, _ = grpo_loss(logps, old, None, adv, mask, loss_type=loss_type, epsilon=0.2, epsilon_high=0.28)
+        assert float(loss) == pytest.approx(-r, rel=1e-6), loss_type
+    loss, _ = grpo_loss(logps, old, None, adv, mask, loss_type="dapo", epsilon=0.2, epsilon_high=0.28,
+                        num_items_in_batch=1)
+    assert float(loss) == pytest.approx(-r, rel=1e-6)
+
+
+def test_dr_grpo_without_a_max_length_divides_by_the_padded_width():
+    # B * T of the tensors given (2 * 3), as TRL does when max_completion_length is not given
+    loss, _ = grpo_loss(LOGPS, OLD, None, ADV, MASK, loss_type="dr_grpo", epsilon=0.2)
+    assert float(loss) == pytest.approx((-3.3051709 + 0.9093654) / 6, rel=1e-6)
+
+
+def test_clip_metrics_count_only_tokens_whose_advantage_pushes_past_the_range():
+    # ratios far outside [0.8, 1.2] on both sides, with advantages +1, 0 and -1: TRL's rule counts a token
+    # clipped low when r < 1 - eps and A < 0, high when r > 1 + eps and A > 0; a zero advantage is neither
+    logps = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    old = torch.tensor([[1.0, -1.0], [1.0, -1.0], [1.0, -1.0]])  # ratios e^-1 = 0.37 and e^1 = 2.72
+    mask = torch.ones(3, 2)
+    adv = torch.tensor([1.0, 0.0, -1.0])
+    _, metrics = grpo_loss(logps, old, None, adv, mask, loss_type="dapo", epsilon=0.2)
+    assert float(metrics["clip_ratio/high_mean"]) == pytest.approx(1 / 6)  # row 0, token 1
+    assert float(metrics["clip_ratio/low_mean"]) == pytest.approx(1 / 6)  # row 2, token 0
+    assert float(metrics["clip_ratio/region_mean"]) == pytest.approx(2 / 6)
+    # a ratio just inside the range is not clipped, one just outside is
+    inside = grpo_loss(torch.tensor([[math.log(0.8001), math.log(1.1999)]]), torch.zeros(1, 2), None,
+                       torch.tensor([-1.0]), torch.ones(1, 2), epsilon=0.2)[1]
+    assert float(inside["clip_ratio/region_mean"]) == 0.0
