@@ -261,6 +261,78 @@ class TrackingSection:
 
 
 @dataclass
+class EvalSection:
+    """Held-out evaluation during GRPO training (rl/evaluation.py): the policy answers prompts it never trains
+    on, through the rollout engine, scored by the run's reward functions. Off unless eval.every is set."""
+    every: int = 0  # steps between evaluations, plus one after the last step; 0 = no evaluation
+    # held-out prompts taken from the training data: a fraction (< 1) or a count (>= 1) of its rows, never
+    # trained on (training rows whose prompt equals a held-out one are dropped too); unused with eval.data
+    split: float = 0.1
+    data: str | None = None  # eval prompts from elsewhere: a .jsonl/.json/.parquet/.csv file or a hub dataset
+    data_split: str = "test"  # the split of a hub dataset in eval.data
+    n: int = 8  # samples per prompt at eval.temperature, for pass@k; 0 = the greedy pass only
+    k: list[int] | None = None  # the k of each pass@k reported (each <= eval.n); null = 1 and eval.n
+    temperature: float = 1.0  # of the eval.n samples; pass@1 of the greedy completion is reported beside them
+    max_tokens: int | None = None  # completion length cap; null = rollout.max_tokens
+    # what counts as correct: a completion whose score from this reward function (an entry of rewards.functions,
+    # or its function name) reaches eval.threshold; total = the weighted sum; null = the first of rewards.functions
+    correct: str | None = None
+    threshold: float = 1.0  # the score at or above which eval.correct counts a completion correct
+    # keep checkpoints/best/ at the evaluation where this metric (higher is better) was highest so far: one of
+    # eval/greedy_pass@1, eval/pass@<k>, eval/reward; null = no best checkpoint
+    best_metric: str | None = None
+
+    def __post_init__(self):
+        _check(self.every >= 0, f"eval.every is {self.every}; use 0 (no evaluation) or a number of steps such as 25")
+        _check(self.split > 0 and (self.split < 1 or float(self.split).is_integer()),
+               f"eval.split is {self.split}; use a fraction of the dataset in (0, 1), such as 0.1, or a whole "
+               "number of prompts, such as 200")
+        _check(self.n >= 0, f"eval.n is {self.n}; use 0 (greedy only) or a number of samples per prompt such as 8")
+        for k in self.k or []:
+            _check(1 <= k <= self.n, f"eval.k holds {k}, but pass@k needs 1 <= k <= eval.n ({self.n}); "
+                   f"use k values up to eval.n, or raise eval.n")
+        _check(self.temperature > 0, f"eval.temperature is {self.temperature}; pass@k needs sampling, use a "
+               "temperature > 0 (the greedy pass is reported anyway)")
+        _check(self.max_tokens is None or self.max_tokens > 0,
+               f"eval.max_tokens is {self.max_tokens}; use a positive token count, or null for rollout.max_tokens")
+
+    @property
+    def ks(self) -> list[int]:
+        """The k of each pass@k: eval.k, or 1 and eval.n."""
+        if self.k is not None:
+            return sorted(set(self.k))
+        return sorted({1, self.n}) if self.n else []
+
+    @property
+    def metric_names(self) -> list[str]:
+        """The metrics eval.best_metric may name (all: higher is better)."""
+        return ["eval/greedy_pass@1", *[f"eval/pass@{k}" for k in self.ks], "eval/reward"]
+
+    def scorer(self, functions: list[str]) -> int | None:
+        """The index in rewards.functions of the function that decides correctness; None = the weighted sum."""
+        if self.correct == "total":
+            return None
+        if self.correct is None:
+            return 0
+        for i, spec in enumerate(functions):
+            if self.correct in (spec, spec.rpartition(":")[2]):
+                return i
+        raise ConfigError(f"eval.correct is {self.correct!r}, which is not one of rewards.functions "
+                          f"({', '.join(functions)}); name one of them, or total for their weighted sum")
+
+
+def check_eval(ev: EvalSection, rewards: RewardsSection) -> None:
+    """The eval keys that only make sense with evaluation on, and those that name other sections' values."""
+    for key in ("data", "best_metric"):
+        _check(ev.every > 0 or getattr(ev, key) is None, f"eval.{key} is set but eval.every is 0, so nothing is "
+               "evaluated; set eval.every to the steps between evaluations (e.g. 25), or drop eval." + key)
+    ev.scorer(rewards.functions)
+    _check(ev.best_metric is None or ev.best_metric in ev.metric_names,
+           f"eval.best_metric is {ev.best_metric!r}; use one of {', '.join(ev.metric_names)} (the pass@k follow "
+           "eval.k), or null for no best checkpoint")
+
+
+@dataclass
 class GRPORunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     lora: LoraSection = field(default_factory=LoraSection)
@@ -270,9 +342,11 @@ class GRPORunConfig:
     data: DataSection = field(default_factory=lambda: DataSection(task="arithmetic"))
     rewards: RewardsSection = field(default_factory=RewardsSection)
     tracking: TrackingSection = field(default_factory=TrackingSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     def __post_init__(self):
         check_full_parameter(self.model, self.lora)
+        check_eval(self.eval, self.rewards)
         if not self.lora.enabled:
             _check(self.grpo.beta == 0, f"grpo.beta is {self.grpo.beta} with lora.enabled false: the KL term needs "
                    "the reference policy, which LoRA runs get by turning the adapters off; use grpo.beta 0 or LoRA")

@@ -14,6 +14,10 @@ and rank 0 writes them and the checkpoints.
 
 Rank 0 also says how the run is doing (rl/health.py): a start-up summary, a warning when the metrics show that
 nothing is being learned, and closing lines naming where the results are and the command that resumes.
+
+A subclass that sets `self.evaluation` (GRPO with eval.every: rl/evaluation.py) and implements evaluate() has
+its held-out metrics added to the step's row when due, and with `self.best` (rl/best.py) the checkpoint of its
+best evaluation kept apart from the rotation.
 """
 
 from __future__ import annotations
@@ -138,6 +142,8 @@ class TrainerBase:
     # ------------------------------------------------------------------------------------ for subclasses
 
     keeps_replica = False  # a full-parameter sharded run keeps a whole copy of the model for the rollout
+    evaluation = None  # held-out evaluation (rl/evaluation.py's Evaluation), set by setup() where configured
+    best = None  # the best checkpoint by an eval metric (rl/best.py's BestCheckpoint), likewise
 
     def setup(self) -> None:
         """Data (set self.stream), rewards, engine: called after the policy is loaded."""
@@ -149,6 +155,10 @@ class TrainerBase:
     def total_updates(self) -> int:
         """Optimizer steps in the whole run (the learning-rate schedule's length)."""
         return self.cfg.train.max_steps
+
+    def evaluate(self) -> dict:
+        """The held-out metrics of the policy as it is now (eval/...); every rank takes part."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------------------------ set-up
 
@@ -178,6 +188,8 @@ class TrainerBase:
         self.stream.load_state_dict(state["data"])
         self.skipped_steps = state.get("skipped_steps", 0)
         log.info("resumed from %s at step %d", path, self.step)
+        if self.best is not None:  # its value, or (written after this step) its removal
+            self.best.restore(self.step, self.rank)
         if self.rank == 0:  # going back (--resume PATH): the later checkpoints belong to the run abandoned here
             dropped = drop_later(self.out / "checkpoints", self.step)
             if dropped:
@@ -209,6 +221,8 @@ class TrainerBase:
         while self.step < cfg.max_steps:
             self.step += 1
             metrics = mean_over_ranks(self.train_step(self.step))
+            if self.evaluation is not None and self.evaluation.due(self.step, cfg.max_steps):
+                metrics.update(self.evaluate())  # in this step's row: resume cuts and keeps them with it
             metrics["train/skipped_steps"] = self.skipped_steps
             self.tracker.log(self.step, metrics)
             for warning in health.observe(self.step, metrics) if self.rank == 0 else ():
@@ -223,6 +237,17 @@ class TrainerBase:
                        "There is no checkpoint yet: lower train.learning_rate or train.max_grad_norm."))
             if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                 self.save_checkpoint()
+            self._keep_best(metrics)
+
+    def _keep_best(self, metrics: dict) -> None:
+        """A checkpoint of this step under checkpoints/best/ when its evaluation is the best so far."""
+        if self.best is None or not self.best.improves(metrics):
+            return
+        self.best.record(self.step, metrics)
+        path = self.save_checkpoint(self.best.root, keep=1, state={"eval_best": self.best.state()})
+        if self.rank == 0:
+            log.info("step %d: %s %.4g, the best so far: kept as %s", self.step, self.best.metric, self.best.value,
+                     path)
 
     # ------------------------------------------------------------------------------------ what the run says
 
@@ -288,17 +313,21 @@ class TrainerBase:
     def _trainer_state(self) -> dict:
         return {"data": self.stream.state_dict(), "skipped_steps": self.skipped_steps}
 
-    def save_checkpoint(self) -> Path | None:
-        """Rank 0 writes, or with a sharded model every rank its shards (rl/checkpoint.py)."""
+    def save_checkpoint(self, root: Path | None = None, keep: int | None = None,
+                        state: dict | None = None) -> Path | None:
+        """Rank 0 writes, or with a sharded model every rank its shards (rl/checkpoint.py). root: default
+        checkpoints/ (the best checkpoint has its own); keep: default train.keep_checkpoints; state: added to
+        the trainer state."""
+        root = root or self.out / "checkpoints"
+        keep = keep or self.cfg.train.keep_checkpoints
+        state = {**self._trainer_state(), **(state or {})}
         if self.sharded:
-            return save_sharded_checkpoint(self.out / "checkpoints", self.step, self.model, self.optimizer,
-                                           self.scheduler, self._trainer_state(), self.cfg.train.keep_checkpoints,
+            return save_sharded_checkpoint(root, self.step, self.model, self.optimizer, self.scheduler, state, keep,
                                            self.rank)
         model, optimizer_state = self._savable()
         if self.rank != 0:
             return None
-        return save_checkpoint(self.out / "checkpoints", self.step, model, self.optimizer, self.scheduler,
-                               self._trainer_state(), self.cfg.train.keep_checkpoints, optimizer_state,
+        return save_checkpoint(root, self.step, model, self.optimizer, self.scheduler, state, keep, optimizer_state,
                                base_model=self.cfg.model.name)
 
     def _savable(self):

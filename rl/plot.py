@@ -4,7 +4,8 @@ Four panels. A GRPO run: reward, KL (when beta > 0; otherwise the policy entropy
 rollout throughput. A DPO, ORPO, KTO or SFT run (no rollout, no `reward`): the first four of loss, reward
 margin, preference accuracy, KL (KTO), NLL (ORPO), tokens per step (SFT), gradient norm and learning rate
 that the run writes (rl/offline.py's metric names). Several run directories (e.g. seeds) are drawn on the
-same axes.
+same axes. A run with held-out evaluations (eval.every) gets a fifth panel: its eval/greedy_pass@1 and
+eval/pass@k at the steps they were taken, unsmoothed (few points, each a whole evaluation).
 """
 
 from __future__ import annotations
@@ -47,6 +48,28 @@ def choose_panels(runs: dict[Path, list[dict]]) -> list[tuple[str, str]]:
     return [p for p in OFFLINE_PANELS if p[0] in written][:4]
 
 
+def eval_keys(runs: dict[Path, list[dict]]) -> list[str]:
+    """The pass metrics of held-out evaluations the runs wrote: greedy pass@1 first, then pass@k by k."""
+    written = {k for rows in runs.values() for r in rows for k, v in r.items() if v is not None}
+    sampled = sorted((k for k in written if k.startswith("eval/pass@")), key=lambda k: int(k.rsplit("@", 1)[1]))
+    return [k for k in ["eval/greedy_pass@1"] if k in written] + sampled
+
+
+def _eval_panel(ax, runs: dict[Path, list[dict]], keys: list[str]) -> None:
+    styles = ["-", "--", ":", "-."]
+    for color, (d, rows) in zip(range(len(runs)), runs.items()):
+        for style, key in zip(styles * len(keys), keys):
+            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), style, marker="o", color=f"C{color}",
+                        label=f"{d.name} {key.removeprefix('eval/')}")
+    ax.set_title("held-out evaluation")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
 def figure(run_dirs: list[Path], window: int = 5):
     """A matplotlib Figure with the runs' curves (a faint raw line and its moving average per run)."""
     import matplotlib
@@ -55,10 +78,14 @@ def figure(run_dirs: list[Path], window: int = 5):
     import matplotlib.pyplot as plt
 
     runs = {d: read_metrics(d) for d in run_dirs}
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    evals = eval_keys(runs)
+    fig, axes = plt.subplots(3 if evals else 2, 2, figsize=(11, 10.5 if evals else 7))
     panels = choose_panels(runs)
     for ax in axes.flat[len(panels):]:  # a run that writes fewer than four of the metrics
         ax.set_visible(False)
+    if evals:
+        axes.flat[4].set_visible(True)
+        _eval_panel(axes.flat[4], runs, evals)
     for ax, (key, title) in zip(axes.flat, panels):
         for d, rows in runs.items():
             steps = [r["step"] for r in rows if r.get(key) is not None]

@@ -1,5 +1,8 @@
 """Experiment tracking: metrics.jsonl always; wandb and TensorBoard when enabled; a progress bar.
 
+Held-out evaluations (eval/... metrics) arrive in their step's row, so every tracker shows them as it shows the
+rest, at the steps they were taken.
+
     tracker = Tracker(output_dir, cfg.tracking, run_config, total_steps, start_step)
     tracker.log(step, {"reward": 0.4, ...})          # one JSON object per step, with "step"
     tracker.log_samples(step, rows)                   # sample completions, to samples.jsonl (and wandb)
@@ -78,7 +81,8 @@ class Tracker:
         shown = [("reward", "reward", "{:.3f}"), ("kl", "kl", "{:.4f}"),
                  ("tok/s", "throughput/rollout_tokens_per_s", "{:.0f}"), ("len", "completions/mean_length", "{:.0f}"),
                  ("mem", "memory/train_peak_gb", "{:.1f}GB"),
-                 ("rss", "memory/peak_rss_gb", "{:.1f}GB"), ("s/step", "timing/step", "{:.1f}")]
+                 ("rss", "memory/peak_rss_gb", "{:.1f}GB"), ("s/step", "timing/step", "{:.1f}"),
+                 ("eval", "eval/greedy_pass@1", "{:.3f}")]  # held out (rl/evaluation.py): at its steps only
         return " ".join(f"{name}={fmt.format(row[key])}" for name, key, fmt in shown if row.get(key) is not None)
 
     def log_samples(self, step: int, rows: list[dict]) -> None:

@@ -14,6 +14,9 @@ One step:
                num_iterations > 1; else the detached current logps, as in TRL); ref_logps come from the same
                model with adapters disabled, only when beta > 0.
 
+With eval.every set, the held-out prompts (rl/evaluation.py) are answered through the same engine every
+eval.every steps and after the last, and the best evaluation's checkpoint is kept (eval.best_metric, rl/best.py).
+
 Memory (rollout/scheduler.py): the rollout runs within the budget (optimizer state moved out, waves when the
 KV cache does not fit), and training picks its micro-batch and activation policy from what is left.
 
@@ -30,8 +33,10 @@ import time
 import torch
 
 from rl import distributed
+from rl.best import BestCheckpoint
 from rl.config import GRPORunConfig
-from rl.data import PromptStream, is_chat, load_dataset, tokenize_all
+from rl.data import PromptStream, is_chat, tokenize_all
+from rl.evaluation import Evaluation, eval_datasets
 from rl.errors import ConfigError
 from rl.logprobs import completion_logps
 from rl.loop import TrainerBase, collate, pad_rows
@@ -55,23 +60,39 @@ def _format_option(value: str) -> dict:
     return {"format": value} if value in ("think_answer", "boxed") else {"pattern": value}
 
 
+def reward_runner(cfg: GRPORunConfig) -> RewardRunner:
+    """The run's reward functions with their options (also what rl.evaluate scores with)."""
+    code_limits = Limits(wall_s=cfg.rewards.code_timeout_s, cpu_s=max(1, math.ceil(cfg.rewards.code_timeout_s)),
+                         memory_mb=cfg.rewards.code_memory_mb)
+    return RewardRunner(cfg.rewards.functions, cfg.rewards.weights, cfg.rewards.timeout_s,
+                        options={"format": _format_option(cfg.rewards.format),
+                                 "overlong_penalty": {"max_tokens": cfg.rollout.max_tokens},
+                                 "python_tests": {"limits": code_limits, "on_error": cfg.rewards.code_on_error}})
+
+
+def stop_tokens(cfg: GRPORunConfig, model, tokenizer) -> list[int] | None:
+    """rollout.stop_token_ids with the model's EOS; None = the engine's default (the EOS alone)."""
+    if not cfg.rollout.stop_token_ids:
+        return None
+    return sorted(set(cfg.rollout.stop_token_ids) | set(eos_token_ids(unwrap(model), tokenizer)))
+
+
 class GRPOTrainer(TrainerBase):
     cfg: GRPORunConfig
     keeps_replica = True  # sharded full-parameter runs: the engine generates with a whole copy
 
     def setup(self) -> None:
         cfg = self.cfg
-        self.dataset = load_dataset(cfg.data, cfg.train.seed)
+        self.dataset, eval_dataset = eval_datasets(cfg)  # the eval prompts are never in the training rows
         self.prompt_ids = tokenize_all(self.dataset, self.tokenizer, cfg.data, cfg.rollout.max_prompt_tokens)
         self.stream = PromptStream(len(self.dataset), cfg.train.seed, cfg.data.shuffle)
-        code_limits = Limits(wall_s=cfg.rewards.code_timeout_s, cpu_s=max(1, math.ceil(cfg.rewards.code_timeout_s)),
-                             memory_mb=cfg.rewards.code_memory_mb)
-        self.rewards = RewardRunner(cfg.rewards.functions, cfg.rewards.weights, cfg.rewards.timeout_s,
-                                    options={"format": _format_option(cfg.rewards.format),
-                                             "overlong_penalty": {"max_tokens": cfg.rollout.max_tokens},
-                                             "python_tests": {"limits": code_limits,
-                                                              "on_error": cfg.rewards.code_on_error}})
+        self.rewards = reward_runner(cfg)
         self._preflight_rewards()
+        if eval_dataset is not None:
+            self.evaluation = Evaluation(cfg, eval_dataset, self.tokenizer, self.rewards,
+                                         stop_tokens(cfg, self.policy.model, self.tokenizer))
+            if cfg.eval.best_metric:
+                self.best = BestCheckpoint(self.out / "checkpoints" / "best", cfg.eval.best_metric)
         self.engine = self._make_engine()
         self.memory.max_rows = cfg.rollout.max_rows or None
 
@@ -150,17 +171,10 @@ class GRPOTrainer(TrainerBase):
 
     def rollout(self, rows: list[int], step: int) -> dict:
         g, rc = self.cfg.grpo.num_generations, self.cfg.rollout
-        stop = None  # the engine's default: the model's EOS
-        if rc.stop_token_ids:
-            stop = sorted(set(rc.stop_token_ids) | set(eos_token_ids(unwrap(self.policy.model), self.tokenizer)))
         params = SamplingParams(max_tokens=rc.max_tokens, temperature=rc.temperature, top_p=rc.top_p,
                                 top_k=rc.top_k, n=g, seed=self.cfg.train.seed * 1_000_003 + step,
-                                stop_token_ids=stop)
-        if self.sharded:  # the replica takes the updated weights, gathered from the shards
-            shards = dict(self.model.named_parameters())
-            with torch.no_grad():
-                for name, mine in self.replica.named_parameters():
-                    mine.copy_(distributed.full(shards[name]))
+                                stop_token_ids=stop_tokens(self.cfg, self.policy.model, self.tokenizer))
+        self._sync_replica()
         outs = self.memory.generate(self.engine, [self.prompt_ids[r] for r in rows], params,
                                     prompt_offset=self.rank * len(rows))
         flat = [c for group in outs for c in group]  # (P * G) completions, groups contiguous
@@ -175,6 +189,24 @@ class GRPOTrainer(TrainerBase):
             "truncated": torch.tensor([c.finish_reason == "length" for c in flat]),
             "texts": texts,
         }
+
+    def _sync_replica(self) -> None:
+        """A sharded run's engine generates with a whole copy: it takes the updated weights, gathered."""
+        if self.sharded:
+            shards = dict(self.model.named_parameters())
+            with torch.no_grad():
+                for name, mine in self.replica.named_parameters():
+                    mine.copy_(distributed.full(shards[name]))
+
+    def evaluate(self) -> dict:
+        """The held-out metrics (rl/evaluation.py) through the rollout engine, within the memory budget."""
+        t0 = time.perf_counter()
+        self._sync_replica()
+        metrics = self.evaluation.run(
+            lambda ids, params, offset: self.memory.generate(self.engine, ids, params, prompt_offset=offset),
+            self.rank, self.world, distributed.gather)
+        metrics["timing/eval"] = time.perf_counter() - t0
+        return metrics
 
     def score(self, batch: dict) -> tuple[torch.Tensor, dict]:
         prompts = batch["prompts"]

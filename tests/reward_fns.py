@@ -30,3 +30,8 @@ def sleeps(prompts, completions, **kwargs):
 def constant(prompts, completions, **kwargs):
     # the same score for every completion: no learning signal at all
     return [0.5 for _ in completions]
+
+
+def token_value(prompts, completions, completion_ids, **kwargs):
+    # the first token, scripted by tests/test_eval.py's engine: 0, 1, 2 -> 0.0, 0.5, 1.0; 3 -> None (not applicable)
+    return [None if ids[0] == 3 else ids[0] / 2 for ids in completion_ids]
