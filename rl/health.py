@@ -239,7 +239,15 @@ def closing_lines(cfg, *, module: str, step: int, world: int) -> list[str]:
     for name in ("metrics.jsonl", "samples.jsonl"):
         if (out / name).is_file():
             lines.append(f"  {name.split('.')[0]:<9}{out / name}")
+    best = list_checkpoints(out / "checkpoints" / "best")
+    if best:
+        lines.append(f"  best     {best[-1]}  (the best checkpoint by {cfg.eval.best_metric})")
     lines.append(f"  plots    python -m rl.plot {q(out)}  (writes {out / 'curves.png'})")
+    if trained.is_dir():
+        lines.append(f"  try it   python -m rl.generate {q(out)}  (chat with the trained policy)")
+    if module == "rl.grpo" and trained.is_dir():  # the offline objectives have no reward functions to score with
+        lines.append(f"  evaluate python -m rl.evaluate {q(out)} --data held-out|FILE|TASK  (writes "
+                     f"{out / 'eval.json'})")
     if list_checkpoints(out / "checkpoints"):
         lines.append(f"  resume   {resume_command(cfg, module, world)}  (train.max_steps: the step to stop at)")
     else:

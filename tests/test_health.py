@@ -164,6 +164,15 @@ def test_closing_lines_name_what_is_on_disk_and_the_resume_command(tmp_path):
                  f"python -m rl.grpo --config {out / 'config.yaml'} --resume --train.max_steps 6"):
         assert part in text, part
     assert "samples" not in text  # not written: not named
+    assert f"python -m rl.generate {out}" in text and f"python -m rl.evaluate {out} --data" in text
+    assert "best " not in text  # no best checkpoint on disk
+    (out / "checkpoints/best/step-000002").mkdir(parents=True)
+    (out / "checkpoints/best/step-000002/COMPLETE").write_text("2")
+    cfg = build_config(GRPORunConfig, {"model": {"name": "smollm2-135m-instruct"},
+                                       "train": {"max_steps": 3, "output_dir": str(out)},
+                                       "eval": {"every": 1, "best_metric": "eval/greedy_pass@1"}})
+    text = "\n".join(closing_lines(cfg, module="rl.grpo", step=3, world=1))
+    assert f"best     {out / 'checkpoints/best/step-000002'}  (the best checkpoint by eval/greedy_pass@1)" in text
     two = "\n".join(closing_lines(cfg, module="rl.grpo", step=3, world=2))
     assert "torchrun --nproc_per_node 2 -m rl.grpo --config" in two
 
@@ -175,3 +184,4 @@ def test_closing_lines_without_a_checkpoint_say_the_run_cannot_be_resumed(tmp_pa
     text = "\n".join(closing_lines(cfg, module="rl.sft", step=100, world=1))
     assert f"model    {tmp_path / 'model'}  (the whole trained model)" in text
     assert "not possible: no checkpoint was kept (train.save_every 0)" in text and "--resume" not in text
+    assert f"python -m rl.generate {tmp_path}" in text and "rl.evaluate" not in text  # SFT has no rewards
