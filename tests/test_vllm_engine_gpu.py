@@ -1,8 +1,8 @@
 """vLLM engine, CUDA-only paths: between rollouts vLLM pauses and gives its KV cache's memory back, while the
 weights (which are the policy's own tensors) stay where they are.
 
-Needs a CUDA GPU and vLLM 0.32 together (marked gpu and vllm). Neither machine this project is measured on
-has both (the GPU machine cannot install vLLM's wheels), so these tests have not run yet: README says so.
+Needs a CUDA GPU and vLLM together (marked gpu and vllm): on CUDA 13 with torch 2.11 that is vLLM 0.26.0, whose
+KV-cache release goes through rollout/vllm_compat.py's 0.26 path. Not yet run: README says so.
 """
 
 import pytest
