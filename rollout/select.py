@@ -20,6 +20,11 @@ def make_engine(kind: str, model, tokenizer, *, model_dir=None, lora_rank: int =
         reason, untested = vllm_compat.version_status(vllm_compat.installed_version())
         if reason is None and untested is not None and kind == "auto":
             reason = f"{untested.split(';')[0]}; rollout.engine vllm would try it"
+        if reason is None and kind == "auto" and any(getattr(p, "quant_state", None) is not None
+                                                     for p in model.parameters()):
+            # vLLM can share a 4-bit base (rollout.engine vllm), but which engine is faster for 4-bit runs is
+            # not measured yet: auto keeps the native engine, which reads the 4-bit layers
+            reason = "a 4-bit base: the native engine reads it (rollout.engine vllm shares it with vLLM)"
         if reason is None and model_dir is None:
             reason = "the model has no directory on disk for vLLM to load (e.g. a random-init model in memory)"
         if reason is None:

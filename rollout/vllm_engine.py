@@ -17,10 +17,12 @@
   engine returns, for the importance-sampling correction.
 - On CUDA, vLLM pauses between rollouts and releases its KV cache's memory (weights stay: they are the
   policy's).
-- A 4-bit (QLoRA) policy does not share with vLLM yet: bitsandbytes is in vLLM up to 0.27 and in the
-  vllm-bnb-plugin package from 0.28, but the policy's 4-bit tensors are not made views of vLLM's packed ones
-  yet. Such policies are refused; `rollout.engine: auto` gives them the native engine, which reads the
-  policy's 4-bit layers.
+- A 4-bit (QLoRA) policy: vLLM loads the base with bitsandbytes NF4 (built in up to 0.27, the
+  vllm-bnb-plugin package from 0.28), packing q/k/v and gate/up shard by shard into one uint8 tensor with a
+  QuantState per shard; each of the policy's NF4 weights becomes a view of its shard and takes that shard's
+  QuantState (vLLM's scales are not double-quantized; the policy keeps its compute dtype). Training runs
+  through those tensors. Without bitsandbytes in vLLM such policies are refused, and `rollout.engine: auto`
+  gives 4-bit policies the native engine until the two are measured against each other.
 
 Every reach into vLLM's internals (the worker's model and LoRA manager, model registration, the KV cache
 between rollouts) goes through rollout/vllm_compat.py, which names the differences between the tested
@@ -70,12 +72,11 @@ class VLLMEngine:
         if arch not in FAMILIES:
             raise RuntimeError(f"the vLLM engine shares weights with {', '.join(FAMILIES)} models; "
                                f"this one is {arch}: use rollout.engine native")
-        if any(getattr(p, "quant_state", None) is not None for p in self.lm.parameters()):
-            version = installed_version()
-            why = (f"vLLM {version} can load bitsandbytes (NF4) bases, but Tandem does not yet share the policy's "
-                   "4-bit tensors with it (it would hold a second copy)" if compat.has_bitsandbytes(version) else
-                   f"vLLM {version} has no bitsandbytes (NF4) support to share it (built in up to 0.27; from 0.28 "
-                   "the vllm-bnb-plugin package)")
+        self.four_bit = any(getattr(p, "quant_state", None) is not None for p in self.lm.parameters())
+        if self.four_bit and not (share_weights and compat.has_bitsandbytes(installed_version())):
+            why = ("rollout.vllm_share_weights is false (vLLM would hold a second copy)" if not share_weights else
+                   f"vLLM {installed_version()} has no bitsandbytes (NF4) support to share it with (built in up to "
+                   "0.27; from 0.28: pip install --no-deps vllm-bnb-plugin==0.0.3)")
             raise RuntimeError(f"the policy's base is 4-bit, and {why}; use rollout.engine native (it reads the "
                                "4-bit layers), or model.load_in_4bit false to share a 16-bit base with vLLM")
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # vLLM in this process: one copy of the weights
@@ -86,11 +87,19 @@ class VLLMEngine:
         compat.register_shared_models()
         self._adapter_dir = tempfile.TemporaryDirectory(prefix="tandem-vllm-lora-")
         model.save_pretrained(self._adapter_dir.name)  # once: registers the adapter's shape with vLLM
-        kwargs = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=str(self.lm.dtype).split(".")[-1],
+        dtype = str(self.lm.dtype).split(".")[-1]
+        if self.four_bit:
+            # vLLM quantizes the base as it loads it (NF4, blocks of 64, as the policy's), and the policy's 4-bit
+            # tensors then become views of vLLM's. Its bitsandbytes loader on the CPU needs a 16-bit dtype (in
+            # fp32 it stops on a shape check); the policy's own compute dtype does not change.
+            dtype = "bfloat16" if dtype == "float32" else dtype
+        kwargs = dict(model=str(model_dir), tokenizer=str(model_dir), dtype=dtype,
                       enable_lora=True, max_lora_rank=max(8, lora_rank), max_loras=1, max_model_len=max_model_len,
                       seed=seed, logprobs_mode="processed_logprobs", enable_prefix_caching=False)
         if share_weights:  # the registered subclass keeps plain weights; else vLLM packs its own copy
             kwargs["hf_overrides"] = {"architectures": [f"Tandem{arch}"]}
+        if self.four_bit:
+            kwargs["quantization"] = "bitsandbytes"
         if torch.cuda.is_available():
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
         else:
@@ -154,6 +163,10 @@ class VLLMEngine:
                 p = target._parameters.get(pname) if hasattr(target, "_parameters") else None
                 if p is None or p.requires_grad or ".lora_" in name:
                     continue
+                if getattr(p, "quant_state", None) is not None:
+                    if self._share_4bit(theirs, name, packed, target, p):
+                        shared.append(f"{name}.{pname}")
+                    continue
                 view = self._vllm_view(theirs, name, pname, packed, p)
                 if view is None:
                     continue
@@ -184,6 +197,35 @@ class VLLMEngine:
         if view.shape != mine.shape or view.dtype != mine.dtype:
             return None
         return view
+
+    def _share_4bit(self, theirs, name: str, packed, module, p) -> bool:
+        """Point the policy's NF4 weight `p` at its shard of vLLM's packed tensor, with vLLM's quantization
+        state for it (vLLM packs q/k/v and gate/up into one uint8 tensor, shard by shard, and keeps one
+        bitsandbytes QuantState per shard). -> whether it was shared."""
+        from bitsandbytes.functional import QuantState
+
+        leaf, prefix = name.rsplit(".", 1)[-1], name.rsplit(".", 1)[0]
+        fused, index = packed.get(leaf, (leaf, 0))
+        full = theirs.get(f"{prefix}.{fused}.weight")
+        states = getattr(full, "bnb_quant_state", None)
+        if full is None or not states or index not in states:
+            return False
+        offsets = getattr(full, "bnb_shard_offsets", None)
+        start, end = (int(offsets[index]), int(offsets[index + 1])) if offsets is not None else (0, full.shape[0])
+        view, state, mine = full.data[start:end], states[index], p.quant_state
+        if view.shape != p.shape or view.dtype != p.dtype or tuple(state.shape) != tuple(mine.shape) \
+                or state.blocksize != mine.blocksize or state.quant_type != mine.quant_type:
+            return False
+        p.data = view
+        # vLLM's scales (not double-quantized) with the policy's compute dtype
+        p.quant_state = QuantState(absmax=state.absmax, shape=state.shape, code=state.code, blocksize=state.blocksize,
+                                   quant_type=state.quant_type, dtype=mine.dtype, offset=state.offset,
+                                   state2=state.state2)
+        # bitsandbytes repacks a Linear4bit's weight into a new CPU layout on its first no-grad forward where the
+        # CPU has AVX512-BF16, which would end the sharing there: keep the layout both read
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+        return True
 
     def _vllm_module(self, name: str):
         module = self.vllm_model.get_submodule(name)

@@ -39,3 +39,28 @@ def run_config(tmp_path, **sections) -> GRPORunConfig:
     for section, values in sections.items():
         base.setdefault(section, {}).update(values)
     return build_config(GRPORunConfig, base)
+
+
+def grpo_with_vllm(tmp_path, model_yaml: str):
+    """Three steps of `python -m rl.grpo` with rollout.engine vllm, in its own process as a user runs it
+    -> (the finished process, the metrics rows)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"model: {model_yaml}\n"
+        "lora: {r: 8}\n"
+        "rollout: {engine: vllm, max_tokens: 12, max_prompt_tokens: 128, vllm_kv_cache_gb: 0.5}\n"
+        "grpo: {num_generations: 4, prompts_per_step: 2}\n"
+        "data: {task: arithmetic, num_examples: 16}\n"
+        "rewards: {functions: [math_accuracy]}\n"
+        f"train: {{max_steps: 3, save_every: 0, micro_batch_size: 8, output_dir: {tmp_path / 'run'}}}\n"
+        "tracking: {progress: false}\n")
+    result = subprocess.run([sys.executable, "-m", "rl.grpo", "--config", str(config)],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    return result, rows

@@ -9,11 +9,7 @@ log-probabilities are within FP32_LOGP (a near-tie of fp32 rounding; counted and
 """
 
 import gc
-import json
-import subprocess
-import sys
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,11 +21,11 @@ from rl.config import LoraSection, ModelSection  # noqa: E402
 from rl.model import load_policy, resolve_source  # noqa: E402
 from rollout import NativeEngine, SamplingParams  # noqa: E402
 from rollout.vllm_engine import unsupported_reason  # noqa: E402
+from tests.helpers import grpo_with_vllm  # noqa: E402
 
 if unsupported_reason() is not None:
     pytest.skip(unsupported_reason(), allow_module_level=True)
 
-ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = ["What is 12 + 7?", "Name a colour.", "Write one word.", "Count to three."]
 FP32_LOGP = 1e-3  # nats: ~200x what vLLM and the policy differ by in fp32
 
@@ -135,36 +131,27 @@ def test_sampling_returns_processed_logprobs(setup):
 
 def test_grpo_run_with_the_vllm_engine(tmp_path):
     """Three steps of `python -m rl.grpo` with rollout.engine vllm (its own process, as a user runs it)."""
-    config = tmp_path / "config.yaml"
-    config.write_text(
-        "model: {name: smollm2-135m-instruct, dtype: bfloat16}\n"
-        "lora: {r: 8}\n"
-        "rollout: {engine: vllm, max_tokens: 12, max_prompt_tokens: 128, vllm_kv_cache_gb: 0.5}\n"
-        "grpo: {num_generations: 4, prompts_per_step: 2}\n"
-        "data: {task: arithmetic, num_examples: 16}\n"
-        "rewards: {functions: [math_accuracy]}\n"
-        f"train: {{max_steps: 3, save_every: 0, micro_batch_size: 8, output_dir: {tmp_path / 'run'}}}\n"
-        "tracking: {progress: false}\n")
-    result = subprocess.run([sys.executable, "-m", "rl.grpo", "--config", str(config)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result, rows = grpo_with_vllm(tmp_path, "{name: smollm2-135m-instruct, dtype: bfloat16}")
     assert "rollout engine: vLLM" in result.stderr
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     for key in ("timing/lora_sync", "sampling/importance_sampling_ratio/mean",
                 "sampling/sampling_logp_difference/mean"):
         assert all(key in r for r in rows), key
 
 
-def test_a_4bit_policy_is_refused_by_vllm_and_auto_chooses_native(tmp_path, caplog):
-    """vLLM 0.32 has no bitsandbytes quantization: it cannot hold a 4-bit base for the policy to share. `vllm`
-    says so (before loading anything) and how to proceed; `auto` gives the policy the native engine."""
+def test_a_4bit_policy_is_refused_where_vllm_has_no_bitsandbytes(tmp_path, caplog, monkeypatch):
+    """vLLM 0.32 without vllm-bnb-plugin cannot hold a 4-bit base for the policy to share (sharing with the
+    plugin: tests/test_vllm_engine_4bit.py). `vllm` says so (before loading anything) and how to proceed;
+    `auto` gives the policy the native engine."""
     from rl.errors import ConfigError
+    from rollout import vllm_compat
     from rollout.select import make_engine
     from tests.helpers import tiny_policy
 
+    monkeypatch.setattr(vllm_compat, "has_bitsandbytes", lambda version: False)
+
     policy = tiny_policy("tiny", load_in_4bit=True)
-    with pytest.raises(ConfigError, match="bitsandbytes.*rollout.engine native.*load_in_4bit false"):
+    with pytest.raises(ConfigError, match="no bitsandbytes.*vllm-bnb-plugin.*engine native.*load_in_4bit false"):
         make_engine("vllm", policy.model, policy.tokenizer, model_dir=str(tmp_path))
     with caplog.at_level("INFO", logger="tandem"):
         engine = make_engine("auto", policy.model, policy.tokenizer, model_dir=str(tmp_path))
