@@ -32,6 +32,8 @@ $(VENV)/.vllm: $(VENV)/.installed
 	# vLLM drags in torchvision, torchaudio and torchcodec built for another torch: they fail to load beside
 	# this one, and nothing here uses them
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	# bitsandbytes for vLLM from 0.28 on (4-bit bases shared with vLLM: tests/test_vllm_engine_4bit.py)
+	$(PY) -m pip install -q --no-deps vllm-bnb-plugin==0.0.3
 	touch $@
 
 test: setup $(VENV)/.vllm
