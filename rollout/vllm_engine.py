@@ -59,7 +59,9 @@ def unsupported_reason() -> str | None:
 class VLLMEngine:
     def __init__(self, model, tokenizer, model_dir: str, lora_rank: int, max_model_len: int = 2048,
                  kv_cache_gb: float = 1.0, gpu_memory_utilization: float = 0.3, seed: int = 0,
-                 share_weights: bool = True):
+                 share_weights: bool = True, enforce_eager: bool | None = None):
+        """enforce_eager: no torch.compile or CUDA graphs in vLLM (a start in seconds, slower decoding);
+        None = on the CPU only."""
         reason, warning = compat.version_status(installed_version())
         if reason is not None:
             raise RuntimeError(f"{reason}; {compat.INSTALL}, or use rollout.engine native")
@@ -103,7 +105,8 @@ class VLLMEngine:
         if torch.cuda.is_available():
             kwargs.update(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=True)
         else:
-            kwargs.update(kv_cache_memory_bytes=int(kv_cache_gb * 2**30), enforce_eager=True)
+            kwargs.update(kv_cache_memory_bytes=int(kv_cache_gb * 2**30))
+        kwargs["enforce_eager"] = not torch.cuda.is_available() if enforce_eager is None else enforce_eager
         t0 = time.perf_counter()
         try:
             self.llm = LLM(**kwargs)
