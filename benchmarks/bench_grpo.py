@@ -11,7 +11,10 @@ before anything is allocated; Tandem through train.gpu_memory_gb, which sets the
 it) and turns on each one's memory savers: TRL's gradient checkpointing, Unsloth's offloaded checkpointing,
 Tandem's automatic micro-batch and activation policy. benchmarks/bench_memory.py sweeps it.
 
-`tandem-4bit` is Tandem with rollout.native_decode_4bit (decode batches read the NF4 codes).
+`tandem-4bit` is Tandem with rollout.native_decode_4bit (decode batches read the NF4 codes). The vLLM paths,
+each in its fastest configuration on the same vLLM: `tandem-vllm` (rollout.engine vllm: the 4-bit base shared
+with vLLM), `trl-vllm` (use_vllm, vllm_mode "colocate") and `unsloth-vllm` (fast_inference=True); vLLM takes
+0.3 of the card in each.
 
 Each (shape, implementation) runs in a fresh process (Unsloth patches TRL when imported, and peak memory
 must be each one's own). The setting is the one the peers were measured in: random-init Qwen2.5 shapes
@@ -35,6 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PROMPT = "Write a short story about a robot who learns to paint. Make it vivid."
+VLLM_SHARE = 0.3  # of the card, for every implementation's vLLM (weights + KV cache)
 PHASES: dict[str, float] = {}  # Tandem's per-phase memory metrics, the largest over the steps
 
 
@@ -65,7 +69,9 @@ def run_tandem(path: str, a) -> list[float]:
 
     # random:<shape> loads the same files (written once by model_dir) and pairs them with the tokenizer
     overrides = ["--model.name", f"random:{a.shape}", "--model.load_in_4bit", str(not a.smoke).lower(),
-                 "--lora.r", "16", "--lora.alpha", "32", "--rollout.engine", "native",
+                 "--lora.r", "16", "--lora.alpha", "32",
+                 "--rollout.engine", "vllm" if a.impl == "tandem-vllm" else "native",
+                 "--rollout.vllm_gpu_memory_utilization", str(VLLM_SHARE),
                  "--rollout.max_tokens", str(a.tokens),
                  "--grpo.num_generations", str(a.completions), "--grpo.prompts_per_step", "1",
                  "--grpo.loss_type", "dapo", "--grpo.beta", "0",
@@ -133,8 +139,11 @@ def run_trl(path: str, a) -> list[float]:
         init["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                                          bnb_4bit_use_double_quant=True,
                                                          bnb_4bit_compute_dtype=torch.bfloat16)
+    vllm = dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=VLLM_SHARE,
+                vllm_max_model_length=a.tokens + 64) if a.impl == "trl-vllm" else {}
     timer = _StepTimer()
-    trainer = GRPOTrainer(model=path, reward_funcs=[token_reward], args=_trl_config(a, model_init_kwargs=init),
+    trainer = GRPOTrainer(model=path, reward_funcs=[token_reward],
+                          args=_trl_config(a, model_init_kwargs=init, **vllm),
                           train_dataset=_dataset(a), processing_class=_tokenizer(),
                           peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"),
                           callbacks=[timer.callback])
@@ -147,12 +156,15 @@ def run_unsloth(path: str, a) -> list[float]:
 
     from trl import GRPOTrainer
 
-    model, tokenizer = FastLanguageModel.from_pretrained(path, max_seq_length=a.tokens + 64, load_in_4bit=True,
-                                                         fast_inference=False)
+    fast = a.impl == "unsloth-vllm"  # its vLLM path, sharing its 4-bit base with vLLM
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        path, max_seq_length=a.tokens + 64, load_in_4bit=True, fast_inference=fast,
+        **(dict(gpu_memory_utilization=VLLM_SHARE, max_lora_rank=16) if fast else {}))
     model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=32, target_modules=TARGETS,
                                              use_gradient_checkpointing="unsloth" if a.cap_gb else False)
     timer = _StepTimer()
-    trainer = GRPOTrainer(model=model, reward_funcs=[token_reward], args=_trl_config(a), train_dataset=_dataset(a),
+    trainer = GRPOTrainer(model=model, reward_funcs=[token_reward], args=_trl_config(a, use_vllm=fast),
+                          train_dataset=_dataset(a),
                           processing_class=_tokenizer(), callbacks=[timer.callback])
     trainer.train()
     return timer.times
@@ -174,7 +186,8 @@ def child(a) -> int:
         if torch.cuda.is_available():  # before anything is allocated, as on a card of this size
             total = torch.cuda.get_device_properties(0).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, a.cap_gb * 2**30 / total))
-    run = {"tandem": run_tandem, "tandem-4bit": run_tandem, "trl": run_trl, "unsloth": run_unsloth}[a.impl]
+    run = {"tandem": run_tandem, "tandem-4bit": run_tandem, "tandem-vllm": run_tandem, "trl": run_trl,
+           "trl-vllm": run_trl, "unsloth": run_unsloth, "unsloth-vllm": run_unsloth}[a.impl]
     times = run(path, a)
     timed = times[1:] or times
     # Tandem's scheduler resets the allocator's peak at every phase (it plans from each phase's own): the
@@ -207,7 +220,7 @@ def main(argv=None) -> int:
         return child(a)
     if a.smoke:
         a.shapes, a.steps, a.tokens, a.completions = "tiny", 2, 8, 4
-        a.impls = ",".join(i for i in a.impls.split(",") if i != "unsloth")  # Unsloth needs a GPU
+        a.impls = ",".join(i for i in a.impls.split(",") if not i.startswith("unsloth"))  # Unsloth needs a GPU
     rows = []
     cells = [(shape, impl, ranks) for shape in a.shapes.split(",") for impl in a.impls.split(",")
              for ranks in (map(int, a.ranks.split(",")) if impl.startswith("tandem") else [1])]
