@@ -10,20 +10,27 @@ Layout of `<output_dir>/checkpoints/step-000042/`:
                                                      keyed by parameter names; sharded: the scheduler only)
     trainer_state.json                               step, data position, RNG states' companion
     rng.pt                                           torch / CUDA / python / numpy RNG states
-    COMPLETE                                         written last; a directory without it is ignored
+    COMPLETE                                         written last; a directory without it is ignored. It
+                                                     records the size and sha256 of every other file, so that
+                                                     damage after the write (a disk error, a partial copy) is
+                                                     found on resume (verify) rather than as a loader's error
 
 Everything is written into a hidden temporary directory, each file fsynced, the directory renamed into place
 and its parent fsynced; only then are checkpoints beyond `keep` deleted, oldest first. A run resumed from an
 earlier checkpoint than the latest deletes the later ones (drop_later): they belong to the run it abandons.
+
+    python -m rl.checkpoint verify DIR     # DIR: a run directory or one checkpoint; exit 1 if any is damaged
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import random
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -32,6 +39,7 @@ import torch
 
 log = logging.getLogger("tandem")
 MARKER = "COMPLETE"
+CHUNK = 1 << 20  # files are hashed in 1 MiB reads: a whole-model checkpoint need not fit in memory
 
 
 def _fsync_tree(root: Path) -> None:
@@ -79,7 +87,7 @@ def _complete(root: Path, tmp: Path, step: int, optimizer_payload: dict, state: 
         torch.save(optimizer_payload, tmp / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step}, indent=1))
-        (tmp / MARKER).write_text(str(step))
+        (tmp / MARKER).write_text(json.dumps({"step": step, "files": manifest(tmp)}, indent=1))
         _fsync_tree(tmp)
         if final.exists():  # the same step saved again (e.g. the final step after a periodic save)
             shutil.rmtree(final)
@@ -90,6 +98,47 @@ def _complete(root: Path, tmp: Path, step: int, optimizer_payload: dict, state: 
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def manifest(directory: Path) -> dict[str, dict]:
+    """{relative path: {"size", "sha256"}} of every file under `directory` but the marker."""
+    return {path.relative_to(directory).as_posix(): {"size": path.stat().st_size, "sha256": _sha256(path)}
+            for path in sorted(directory.rglob("*")) if path.is_file() and path.name != MARKER}
+
+
+def verify(path: Path) -> tuple[str, str]:
+    """-> (status, detail) of one checkpoint directory: ("ok", "N files verified"), ("unverified", why) for one
+    written before markers held checksums (it loads as before, unchecked), ("incomplete", why) without a
+    marker, or ("damaged", "which file: what is wrong") for the first problem found."""
+    marker = path / MARKER
+    if not marker.is_file():  # never complete: --resume skips it, nothing was lost that had been saved
+        return "incomplete", f"no {MARKER} marker (the run stopped while writing it; --resume skips it)"
+    text = marker.read_text()
+    if text.strip().isdigit():  # the marker of older versions: the step alone
+        return "unverified", "written before checkpoints recorded checksums"
+    try:
+        files = json.loads(text)["files"]
+    except (ValueError, KeyError, TypeError):
+        return "damaged", f"{MARKER}: not a readable marker (the marker itself is damaged)"
+    for name, want in files.items():
+        f = path / name
+        if not f.is_file():
+            return "damaged", f"{name}: missing"
+        size = f.stat().st_size
+        if size != want["size"]:
+            cut = " (truncated)" if size < want["size"] else ""
+            return "damaged", f"{name}: {size} bytes, {want['size']} when written{cut}"
+        if _sha256(f) != want["sha256"]:
+            return "damaged", f"{name}: its contents changed since it was written (sha256 differs)"
+    return "ok", f"{len(files)} files verified"
 
 
 def name_base_model(directory: Path, name: str) -> None:
@@ -218,3 +267,42 @@ def _load_weights(path: Path, model, optimizer, optimizer_state: dict) -> None:
 
         weights = {k: v for f in sorted(path.glob("model*.safetensors")) for k, v in load_file(f).items()}
         load_full_states(model, optimizer, weights, optimizer_state)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def _checkpoints_under(directory: Path) -> list[Path]:
+    """One checkpoint, or those of a run directory (checkpoints/ and checkpoints/best/) or of a checkpoints/."""
+    if (directory / MARKER).is_file() or directory.name.startswith("step-"):
+        return [directory]
+    found = []
+    for root in (directory / "checkpoints", directory / "checkpoints" / "best", directory, directory / "best"):
+        found += sorted(p for p in root.glob("step-*") if p.is_dir())
+    return list(dict.fromkeys(found))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m rl.checkpoint",
+                                     description="Check checkpoints against the sizes and checksums they recorded.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    check = sub.add_parser("verify", help="one line per checkpoint; exit 1 if any is damaged")
+    check.add_argument("dir", help="a run directory (train.output_dir), its checkpoints/, or one checkpoint")
+    args = parser.parse_args(argv)
+    directory = Path(args.dir)
+    found = _checkpoints_under(directory) if directory.is_dir() else []
+    if not found:
+        print(f"rl.checkpoint: error: {directory} holds no checkpoint (step-NNNNNN directories)", file=sys.stderr)
+        return 2
+    damaged = 0
+    for path in found:
+        status, detail = verify(path)
+        damaged += status == "damaged"
+        print(f"{path}: {status}: {detail}")
+    return 1 if damaged else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -40,6 +40,7 @@ from rl.distributed import (active, average_gradients, finish, full, full_model_
 from rl.errors import ConfigError, TrainingError
 from rl.health import HealthMonitor, closing_lines, hints, startup_summary
 from rl.model import load_policy, resolve_device, resolve_dtype
+from rl.resume import pick_checkpoint
 from rl.tracking import Tracker
 from rollout.scheduler import MemoryScheduler
 
@@ -99,6 +100,8 @@ class TrainerBase:
         self.joined_group = active()
         self.out = Path(cfg.train.output_dir)
         self._check_output_dir(resume)
+        # chosen (and verified) before the model loads: a damaged or missing checkpoint fails fast
+        resume_from = pick_checkpoint(self.out, resume, self.rank) if resume else None
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         torch.manual_seed(cfg.train.seed)
@@ -126,8 +129,8 @@ class TrainerBase:
         self.step = 0
         self.skipped_steps = 0  # updates skipped for a non-finite loss or gradient, in the whole run
         self.skipped_in_a_row = 0
-        if resume:
-            self._resume(resume)
+        if resume_from:
+            self._resume(resume_from)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -168,21 +171,13 @@ class TrainerBase:
             raise ConfigError(f"train.output_dir {self.out} already holds a run; pass --resume to continue it, "
                               "or choose another train.output_dir")
 
-    def _resume(self, resume: str) -> None:
-        if resume == "latest":
-            found = list_checkpoints(self.out / "checkpoints")
-            if not found:
-                raise ConfigError(f"--resume: no complete checkpoint under {self.out / 'checkpoints'}; start "
-                                  "without --resume, or pass --resume PATH")
-            path = found[-1]
-        else:
-            path = Path(resume)
-            if not (path / "COMPLETE").is_file():
-                raise ConfigError(f"--resume {resume}: not a complete checkpoint directory (expected "
-                                  "checkpoints/step-NNNNNN with a COMPLETE marker)")
+    def _resume(self, path: Path) -> None:
         try:
             state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         except RuntimeError as e:  # the checkpoint is of another kind of run
+            if "size mismatch" in str(e):  # PyTorch's message has a line per tensor: one line instead
+                raise ConfigError(f"--resume: the tensors of {path} have other shapes than this run's model (another "
+                                  "model or lora.r?); resume with the config of the run that wrote it") from None
             raise ConfigError(f"--resume: {e}") from None
         self.step = state["step"]
         self.stream.load_state_dict(state["data"])
