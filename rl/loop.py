@@ -40,7 +40,7 @@ from rl.distributed import (active, average_gradients, finish, full, full_model_
 from rl.errors import ConfigError, TrainingError
 from rl.health import HealthMonitor, closing_lines, hints, startup_summary
 from rl.model import load_policy, resolve_device, resolve_dtype
-from rl.resume import pick_checkpoint
+from rl.resume import check_compatible, pick_checkpoint, saved_config
 from rl.tracking import Tracker
 from rollout.scheduler import MemoryScheduler
 
@@ -102,6 +102,8 @@ class TrainerBase:
         self._check_output_dir(resume)
         # chosen (and verified) before the model loads: a damaged or missing checkpoint fails fast
         resume_from = pick_checkpoint(self.out, resume, self.rank) if resume else None
+        if resume_from:  # likewise a config that cannot continue that run (before PyTorch's shape errors)
+            check_compatible(saved_config(resume_from, self.out), to_dict(cfg), self.rank)
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
         torch.manual_seed(cfg.train.seed)
@@ -179,6 +181,7 @@ class TrainerBase:
                 raise ConfigError(f"--resume: the tensors of {path} have other shapes than this run's model (another "
                                   "model or lora.r?); resume with the config of the run that wrote it") from None
             raise ConfigError(f"--resume: {e}") from None
+        self._apply_hyperparameters()
         self.step = state["step"]
         self.stream.load_state_dict(state["data"])
         self.skipped_steps = state.get("skipped_steps", 0)
@@ -190,6 +193,17 @@ class TrainerBase:
             if dropped:
                 log.info("removed the later checkpoints of the run abandoned at step %d: %s (steps %d and on run "
                          "again)", self.step, ", ".join(dropped), self.step + 1)
+
+    def _apply_hyperparameters(self) -> None:
+        """This run's learning rate and weight decay over those the optimizer and schedule state restored: a
+        resume may change them (e.g. a lower rate after non-finite steps), and loaded state would undo that.
+        The same expression as LambdaLR's, so that unchanged values give the same bits."""
+        cfg, scheduler = self.cfg.train, self.scheduler
+        scheduler.base_lrs = [cfg.learning_rate] * len(self.optimizer.param_groups)
+        for group, factor in zip(self.optimizer.param_groups, scheduler.lr_lambdas):
+            group["lr"] = cfg.learning_rate * factor(scheduler.last_epoch)
+            group["weight_decay"] = cfg.weight_decay
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # what get_last_lr() reports
 
     # ------------------------------------------------------------------------------------ the loop
 
@@ -306,7 +320,8 @@ class TrainerBase:
     # ------------------------------------------------------------------------------------ saving
 
     def _trainer_state(self) -> dict:
-        return {"data": self.stream.state_dict(), "skipped_steps": self.skipped_steps}
+        # the config too: a resume compares it with its own (rl/resume.py), even from another output_dir
+        return {"data": self.stream.state_dict(), "skipped_steps": self.skipped_steps, "config": to_dict(self.cfg)}
 
     def save_checkpoint(self, root: Path | None = None, keep: int | None = None,
                         state: dict | None = None) -> Path | None:
