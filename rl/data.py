@@ -14,6 +14,8 @@ every checkpoint so that a resumed run sees the prompts the uninterrupted run wo
 
 from __future__ import annotations
 
+import csv
+import json
 import random
 from pathlib import Path
 
@@ -51,27 +53,99 @@ def countdown_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+KINDS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
 def _load_path(cfg):
     import datasets
 
     path = Path(cfg.path).expanduser()
-    kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
     try:
-        if path.suffix in kinds:
+        if path.suffix in KINDS:
             if not path.is_file():
                 raise DataError(f"data.path {cfg.path} does not exist; check the path")
             with open(path, "rb") as f:
                 head = f.read(1 << 16)
             if not head.strip() and path.stat().st_size <= len(head):
                 raise DataError(f"data.path {cfg.path} is an empty file; it needs one row per example")
-            return datasets.load_dataset(kinds[path.suffix], data_files=str(path), split="train")
+            return datasets.load_dataset(KINDS[path.suffix], data_files=str(path), split="train")
         if path.exists():
             raise DataError(f"data.path {cfg.path}: unsupported file type; use .jsonl, .json, .parquet or .csv")
         return datasets.load_dataset(cfg.path, cfg.name, split=cfg.split)
     except DataError:
         raise
     except Exception as e:  # datasets raises many types for unreadable files and unreachable hubs
-        raise DataError(f"could not load data.path {cfg.path}: {type(e).__name__}: {e}") from None
+        where = _first_problem(path) if path.is_file() else None
+        if where:
+            raise DataError(f"data.path {cfg.path} {where}; fix or remove that line") from None
+        cause = e.__cause__ or e  # datasets wraps the parser's error in "An error occurred while generating..."
+        raise DataError(f"could not load data.path {cfg.path}: {type(cause).__name__}: {cause}") from None
+
+
+def _first_problem(path: Path) -> str | None:
+    """"line N: what is wrong" for the first line the file's parser refuses (read again with Python's own
+    parsers, which say where: datasets' say "an error occurred while generating the dataset"), or None."""
+    if path.suffix == ".csv":
+        return _csv_problem(path)
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+            return None
+        except UnicodeDecodeError as e:
+            return f"byte {e.start}: not UTF-8 text"
+        except json.JSONDecodeError as e:
+            if e.msg != "Extra data":  # one JSON document, broken; "Extra data": JSON lines in a .json file
+                return f"line {e.lineno}: not valid JSON ({e.msg}, column {e.colno})"
+    if path.suffix in (".json", ".jsonl"):
+        return _jsonl_problem(path)
+    return None
+
+
+def _jsonl_problem(path: Path) -> str | None:
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return f"line {n}: not UTF-8 text"
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                return f"line {n}: not valid JSON ({e.msg}, column {e.colno})"
+            if not isinstance(row, dict):
+                return f"line {n}: not a JSON object (each line must be one {{...}} row), got {type(row).__name__}"
+    return None
+
+
+def _csv_problem(path: Path) -> str | None:
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, [])
+            for row in reader:
+                if row and len(row) != len(header):
+                    return f"line {reader.line_num}: {len(row)} fields, the header has {len(header)}"
+    except UnicodeDecodeError:
+        return "is not UTF-8 text"
+    except csv.Error as e:
+        return f"line {reader.line_num}: {e}"
+    return None
+
+
+def row_place(cfg, i: int) -> str:
+    """Where row i (0-based, in file order) of the data is, for messages: a .jsonl file's line, else the row."""
+    if cfg.task is not None:
+        return f"data.task {cfg.task} row {i}"
+    path = Path(cfg.path).expanduser()
+    if path.suffix == ".jsonl" and path.is_file():
+        with open(path, "rb") as f:
+            rows = (n for n, raw in enumerate(f, 1) if raw.strip())
+            line = next((n for k, n in enumerate(rows) if k == i), None)
+        if line is not None:
+            return f"data.path {cfg.path} line {line}"
+    return f"data.path {cfg.path} row {i}"
 
 
 def load_dataset(cfg, seed: int):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 
-from rl.data import _load_path, arithmetic_rows, is_chat, tokenize_prompt
+from rl.data import _load_path, arithmetic_rows, is_chat, row_place, tokenize_prompt
 from rl.errors import DataError
 
 COLUMNS = {"dpo": ("prompt", "chosen", "rejected"), "orpo": ("prompt", "chosen", "rejected"),
@@ -56,40 +56,40 @@ def load_examples(objective: str, cfg, tokenizer, seed: int) -> list[dict]:
 
     def completion(text, i, column):
         if not isinstance(text, str) or not text:
-            raise DataError(f"row {i}: column {column!r} must be non-empty text, got {text!r:.60}")
+            raise DataError(f"{row_place(cfg, i)}: column {column!r} must be non-empty text, got {text!r:.60}")
         return tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
 
     examples = []
     for i, row in enumerate(rows):
         if objective == "sft" and "messages" in row and "prompt" not in row:
-            row = _split_messages(row["messages"], i)
+            row = _split_messages(row["messages"], row_place(cfg, i))
         missing = [c for c in COLUMNS[objective] if c not in row]
         if missing:
-            raise DataError(f"row {i} has no column {missing[0]!r}; a {objective} dataset needs columns "
+            raise DataError(f"{row_place(cfg, i)} has no column {missing[0]!r}; a {objective} dataset needs columns "
                             f"{', '.join(COLUMNS[objective])}" + (" (or messages)" if objective == "sft" else ""))
         if not isinstance(row["prompt"], str) and not is_chat(row["prompt"]):
-            raise DataError(f"row {i}: the prompt must be text or a list of {{role, content}} messages")
+            raise DataError(f"{row_place(cfg, i)}: the prompt must be text or a list of {{role, content}} messages")
         ex = {"prompt": tokenize_prompt(row["prompt"], tokenizer, cfg.system_prompt, cfg.chat_template)}
         for column in COLUMNS[objective][1:]:
             if column == "label":
                 if not isinstance(row["label"], bool):
-                    raise DataError(f"row {i}: label must be true (desirable) or false (undesirable), got "
+                    raise DataError(f"{row_place(cfg, i)}: label must be true (desirable) or false (undesirable), got "
                                     f"{row['label']!r}")
                 ex["label"] = row["label"]
             else:
                 ex[column] = completion(row[column], i, column)
         longest = max(len(ex["prompt"]) + len(v) for k, v in ex.items() if k not in ("prompt", "label"))
         if longest > cfg.max_length:
-            raise DataError(f"row {i} has {longest} tokens (prompt + completion), more than data.max_length = "
-                            f"{cfg.max_length}; raise data.max_length or filter out long rows")
+            raise DataError(f"{row_place(cfg, i)} has {longest} tokens (prompt + completion), more than "
+                            f"data.max_length = {cfg.max_length}; raise data.max_length or filter out long rows")
         examples.append(ex)
     if objective == "kto" and len({e["label"] for e in examples}) < 2:
         raise DataError("a kto dataset needs both desirable (label true) and undesirable (label false) rows")
     return examples
 
 
-def _split_messages(messages, i: int) -> dict:
+def _split_messages(messages, where: str) -> dict:
     if not is_chat(messages) or len(messages) < 2 or messages[-1].get("role") != "assistant":
-        raise DataError(f"row {i}: messages must be a chat of at least two messages ending with the "
+        raise DataError(f"{where}: messages must be a chat of at least two messages ending with the "
                         "assistant's answer")
     return {"prompt": messages[:-1], "completion": messages[-1]["content"]}

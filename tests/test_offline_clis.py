@@ -59,5 +59,5 @@ def test_a_dataset_without_the_objectives_columns_is_refused(tmp_path, capsys):
     from rl import dpo
 
     assert run_cli("rl.dpo", dpo.main, ["--config", str(config)]) == 2
-    assert "row 0 has no column 'chosen'; a dpo dataset needs columns prompt, chosen, rejected" in \
+    assert "data.jsonl line 1 has no column 'chosen'; a dpo dataset needs columns prompt, chosen, rejected" in \
         capsys.readouterr().err
