@@ -174,6 +174,7 @@ def test_the_reported_loss_is_the_mean_over_iterations(tmp_path, monkeypatch):
                       "num_items_in_batch": tokens, "max_completion_length": 8} for kw in keywords), keywords[0]
     # old logps are the policy's before the update, at the sampling temperature: the first pass's ratios are 1
     assert max(c["drift"] for c in calls[:3]) < 1e-5
+    assert max(c["drift"] for c in calls[3:]) > 1e-3  # the second pass's: the first pass's update moved the policy
     losses = [c["loss"] for c in calls]
     assert abs(sum(losses[3:])) > 1e-4  # the second pass's loss is not ~0 (its ratios are not 1)
     assert out["m"]["loss"] == pytest.approx(sum(losses) / 2, rel=1e-5, abs=1e-8)
