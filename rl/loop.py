@@ -15,6 +15,9 @@ and rank 0 writes them and the checkpoints.
 Rank 0 also says how the run is doing (rl/health.py): a start-up summary, a warning when the metrics show that
 nothing is being learned, and closing lines naming where the results are and the command that resumes.
 
+SIGTERM or SIGINT (a cluster preempting the job, Ctrl-C) ends the run cleanly: the current step finishes, a
+checkpoint of it is written and the command that resumes is printed (exit 0); a second signal ends it at once.
+
 A subclass that sets `self.evaluation` (GRPO with eval.every: rl/evaluation.py) and implements evaluate() has
 its held-out metrics added to the step's row when due, and with `self.best` (rl/best.py) the checkpoint of its
 best evaluation kept apart from the rotation.
@@ -26,6 +29,10 @@ import contextlib
 import copy
 import logging
 import math
+import os
+import shlex
+import signal
+import threading
 from pathlib import Path
 
 import torch
@@ -36,7 +43,7 @@ from rl.checkpoint import (drop_later, list_checkpoints, load_checkpoint, name_b
                            save_sharded_checkpoint)
 from rl.config import to_dict
 from rl.distributed import (active, average_gradients, finish, full, full_model_state, full_states, init_from_env,
-                            mean_over_ranks, shard)
+                            mean_over_ranks, shard, total)
 from rl.errors import ConfigError, TrainingError
 from rl.health import HealthMonitor, closing_lines, hints, startup_summary
 from rl.model import load_policy, resolve_device, resolve_dtype
@@ -45,6 +52,8 @@ from rl.tracking import Tracker
 from rollout.scheduler import MemoryScheduler
 
 log = logging.getLogger("tandem")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # how clusters and spot instances preempt a job, and Ctrl-C
+SIGNAL_AT = "TANDEM_SIGNAL_AT"  # for tests: "<phase>:<step>" (rollout | train) sends this process SIGTERM there
 
 
 def make_scheduler(optimizer, kind: str, warmup: int, total: int):
@@ -207,15 +216,20 @@ class TrainerBase:
 
     # ------------------------------------------------------------------------------------ the loop
 
+    stop_signal = None  # the name of the signal received, once one has been
+    stopped = False  # the loop ended early on a signal, after a checkpoint
+
     def train(self) -> None:
         ok = False
         try:
-            with self._above_the_bar():
+            with self._above_the_bar(), self._stop_on_signals():
                 self._say(self._summary())
                 self._steps()
-                self.save_final()
+                if not self.stopped:
+                    self.save_final()
                 ok = True
-                self._say(closing_lines(self.cfg, module=self.module, step=self.step, world=self.world))
+                self._say(self._stopped_lines() if self.stopped else
+                          closing_lines(self.cfg, module=self.module, step=self.step, world=self.world))
         finally:
             self.tracker.close()
             engine = getattr(self, "engine", None)  # GRPO's: shut down while the process group is there
@@ -244,9 +258,53 @@ class TrainerBase:
                     + (f"The last checkpoint, {found[-1]}, is intact: resume from it with --resume and a "
                        "lower train.learning_rate or train.max_grad_norm." if found else
                        "There is no checkpoint yet: lower train.learning_rate or train.max_grad_norm."))
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+            saved = cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps
+            if saved:
                 self.save_checkpoint()
             self._keep_best(metrics)
+            # a signal: every rank stops after the same step (any rank's signal counts), with a checkpoint of it
+            if total(float(self.stop_signal is not None)) > 0 and self.step < cfg.max_steps:
+                if not saved:
+                    self.save_checkpoint()
+                self.stopped = True
+                return
+
+    @contextlib.contextmanager
+    def _stop_on_signals(self):
+        """SIGTERM or SIGINT: the current step finishes, a checkpoint is written and the run ends (exit 0); a
+        second signal ends the process at once (a checkpoint being written is then left incomplete, and skipped:
+        the previous one is intact)."""
+        if threading.current_thread() is not threading.main_thread():  # Python takes signals in the main thread
+            yield
+            return
+
+        def first(signum, frame):
+            self.stop_signal = signal.Signals(signum).name
+            if self.rank == 0:
+                log.warning("%s: finishing step %d, then saving a checkpoint and stopping (a second signal stops at "
+                            "once)", self.stop_signal, self.step)
+            for s in STOP_SIGNALS:
+                signal.signal(s, lambda signum, frame: os._exit(128 + signum))
+
+        previous = {s: signal.signal(s, first) for s in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def signal_point(self, phase: str, step: int) -> None:
+        """Tests stop a run at a known point of a step (SIGNAL_AT), as a cluster's SIGTERM would."""
+        if os.environ.get(SIGNAL_AT) == f"{phase}:{step}":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _stopped_lines(self) -> list[str]:
+        launch = f"torchrun --nproc_per_node {self.world} -m {self.module}" if self.world > 1 else \
+            f"python -m {self.module}"
+        config = shlex.quote(str(self.out / "config.yaml"))
+        return [f"{self.module}: stopped by {self.stop_signal} after step {self.step}; checkpoint "
+                f"{self.out / 'checkpoints' / f'step-{self.step:06d}'}",
+                f"  resume   {launch} --config {config} --resume"]
 
     def _keep_best(self, metrics: dict) -> None:
         """A checkpoint of this step under checkpoints/best/ when its evaluation is the best so far."""

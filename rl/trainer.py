@@ -114,6 +114,7 @@ class GRPOTrainer(TrainerBase):
         phase_memory: dict[str, float] = {}
         t0 = time.perf_counter()
         rows = self.take(self.cfg.grpo.prompts_per_step)
+        self.signal_point("rollout", step)
         batch = self.rollout(rows, step)
         self._record_peak("rollout", phase_memory)
         t1 = time.perf_counter()
@@ -123,6 +124,7 @@ class GRPOTrainer(TrainerBase):
         everyone = group_advantages(distributed.gather(rewards), grpo.num_generations, grpo.scale_rewards)
         advantages = everyone[self.rank * len(rewards):(self.rank + 1) * len(rewards)]
         t2 = time.perf_counter()
+        self.signal_point("train", step)
         train_metrics = self.update(batch, advantages)
         self._record_peak("train", phase_memory)
         t3 = time.perf_counter()
