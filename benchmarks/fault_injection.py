@@ -1,6 +1,7 @@
-"""Kill -9 a GRPO run at random instants, resume it each time, and check that nothing was lost.
+"""Kill -9 (or SIGTERM) a GRPO run at random instants, resume it each time, and check that nothing was lost.
 
     python benchmarks/fault_injection.py [--trials 20] [--steps 12] [--seed 0] [--after-checkpoint]
+        [--signal KILL|TERM] [--save-every 1]
 
 One run on a tiny random model (CPU) is killed with SIGKILL `--trials` times at random instants (in the
 rollout, the update, or while a checkpoint is written: a `.tmp-step-*` directory left behind shows the
@@ -17,6 +18,11 @@ the first checkpoint: the next start is then a fresh one (`--resume` needs a com
 that holds metrics but none is cleared first, as a user would have to: `restarts` counts those).
 `--after-checkpoint` kills each process only after it has written a checkpoint of its own, at a random
 instant within the next two steps, so that every start after the first resumes.
+
+`--signal TERM` preempts the run as a cluster does: a process that has started its loop must finish the
+current step, write a checkpoint of it (whatever `--save-every` is) and exit 0, so that no completed step is
+lost (`clean_stops`, `lost_steps`: completed steps not in the newest checkpoint after a stop); one signalled
+outside its loop (during start-up, or after its last step) ends as a kill would (`stopped_outside_loop`).
 """
 
 from __future__ import annotations
@@ -37,13 +43,13 @@ VARYING = ("timing/", "throughput/", "memory/")  # wall-clock and process measur
 RESUMED = re.compile(r"resumed from \S+ at step (\d+)")  # rl/loop.py's log line on resume
 
 
-def config_text(out: Path, steps: int) -> str:
+def config_text(out: Path, steps: int, save_every: int = 1) -> str:
     return (f"model: {{name: 'random:tiny'}}\nlora: {{r: 8}}\n"
             "rollout: {engine: native, max_tokens: 8, max_prompt_tokens: 128}\n"
             "grpo: {num_generations: 4, prompts_per_step: 2}\n"
             "data: {task: arithmetic, num_examples: 64}\n"
             f"rewards: {{functions: ['{ROOT / 'tests' / 'reward_fns.py'}:token_reward']}}\n"
-            f"train: {{max_steps: {steps}, learning_rate: 1.0e-2, micro_batch_size: 4, save_every: 1, "
+            f"train: {{max_steps: {steps}, learning_rate: 1.0e-2, micro_batch_size: 4, save_every: {save_every}, "
             f"keep_checkpoints: 2, output_dir: {out}, num_threads: 1}}\n"
             "tracking: {progress: false}\n")
 
@@ -94,11 +100,12 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def run_trials(work: Path, trials: int, steps: int, seed: int, log=print, after_checkpoint: bool = False) -> dict:
+def run_trials(work: Path, trials: int, steps: int, seed: int, log=print, after_checkpoint: bool = False,
+               sig: signal.Signals = signal.SIGKILL, save_every: int = 1) -> dict:
     rng = random.Random(seed)
     reference, killed = work / "reference", work / "killed"
     for out in (reference, killed):
-        (work / f"{out.name}.yaml").write_text(config_text(out, steps))
+        (work / f"{out.name}.yaml").write_text(config_text(out, steps, save_every))
     t0 = time.perf_counter()
     proc = start(work / "reference.yaml", resume=False, log=work / "reference.log")
     while proc.poll() is None and not (reference / "metrics.jsonl").exists():
@@ -108,7 +115,7 @@ def run_trials(work: Path, trials: int, steps: int, seed: int, log=print, after_
         raise RuntimeError(f"the reference run failed: {(work / 'reference.log').read_text()[-2000:]}")
     full = time.perf_counter() - t0
     step_s = (full - first) / max(steps - 1, 1)
-    corrupted = during_write = restarts = 0
+    corrupted = during_write = restarts = clean_stops = outside_loop = lost_steps = 0
     # per resumed process that got somewhere (a checkpoint of its own, or the end): (the newest complete
     # checkpoint when it started, the step it said it resumed at)
     resumes: list[tuple[int, int | None]] = []
@@ -136,8 +143,18 @@ def run_trials(work: Path, trials: int, steps: int, seed: int, log=print, after_
                 raise RuntimeError(f"trial {trial}: the run failed: {proc_log.read_text()[-2000:]}")
             finished = True
             break
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(sig)
         proc.wait()
+        if sig != signal.SIGKILL:
+            if proc.returncode == 0:  # stopped cleanly: the step it was in finished and was saved
+                clean_stops += 1
+                rows = len(metrics(killed)) if (killed / "metrics.jsonl").exists() else 0
+                lost_steps += rows - (newest_checkpoint(killed) or 0)
+            elif proc.returncode == -sig:
+                outside_loop += 1  # signalled outside the loop (start-up, or after the last step): as a kill
+            else:
+                raise RuntimeError(f"trial {trial}: {sig.name} ended the run with exit {proc.returncode}: "
+                                   f"{proc_log.read_text()[-2000:]}")
         if newest is not None and (newest_checkpoint(killed) or 0) > newest:
             resumes.append((newest, resumed_at(proc_log)))
         during_write += any((killed / "checkpoints").glob(".tmp-step-*"))
@@ -154,7 +171,9 @@ def run_trials(work: Path, trials: int, steps: int, seed: int, log=print, after_
     ref, got = metrics(reference), metrics(killed)
     compared = [k for k in ref[0] if not k.startswith(VARYING)]
     mismatched = [r["step"] for r, g in zip(ref, got) if any(r.get(k) != g.get(k) for k in compared)]
-    return dict(trials=trials, corrupted=corrupted, kills_during_checkpoint_write=during_write,
+    return dict(trials=trials, signal=sig.name, save_every=save_every, corrupted=corrupted,
+                kills_during_checkpoint_write=during_write, clean_stops=clean_stops,
+                stopped_outside_loop=outside_loop, lost_steps=lost_steps,
                 steps=len(got), reference_steps=len(ref), metrics_compared=len(compared), mismatched_steps=mismatched,
                 resumes=resumes, restarts=restarts, uninterrupted_seconds=full)
 
@@ -167,15 +186,18 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", default=None, help="default: a fresh temporary directory")
     parser.add_argument("--after-checkpoint", action="store_true",
                         help="kill each process only after it has written a checkpoint (every start resumes)")
+    parser.add_argument("--signal", default="KILL", choices=["KILL", "TERM"], help="SIGKILL or SIGTERM")
+    parser.add_argument("--save-every", type=int, default=1, help="train.save_every of the runs")
     args = parser.parse_args(argv)
     import tempfile
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="tandem-faults-"))
     work.mkdir(parents=True, exist_ok=True)
-    result = run_trials(work, args.trials, args.steps, args.seed, after_checkpoint=args.after_checkpoint)
+    result = run_trials(work, args.trials, args.steps, args.seed, after_checkpoint=args.after_checkpoint,
+                        sig=signal.Signals[f"SIG{args.signal}"], save_every=args.save_every)
     print(json.dumps(result))
     ok = (result["corrupted"] == 0 and not result["mismatched_steps"] and result["steps"] == result["reference_steps"]
-          and all(at == newest for newest, at in result["resumes"]))
+          and all(at == newest for newest, at in result["resumes"]) and result["lost_steps"] == 0)
     return 0 if ok else 1
 
 

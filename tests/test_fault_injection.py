@@ -22,3 +22,18 @@ def test_three_kills_and_resumes(tmp_path):
     assert all(at == newest for newest, at in result["resumes"]), result["resumes"]
     steps = [newest for newest, _ in result["resumes"]]
     assert steps[0] >= 1 and steps == sorted(set(steps)), steps
+
+
+@pytest.mark.slow
+def test_sigterm_stops_save_the_step_they_interrupt(tmp_path):
+    """Preempted by SIGTERM twice (as a cluster does), with checkpoints only every 3 steps: each process
+    finishes the step it is in, writes a checkpoint of it and exits 0, so no completed step is redone; the
+    run, resumed each time, ends equal to the uninterrupted one."""
+    import signal
+
+    result = run_trials(tmp_path, trials=2, steps=10, seed=1, log=lambda *_: None, after_checkpoint=True,
+                        sig=signal.SIGTERM, save_every=3)
+    assert result["clean_stops"] == 2 and result["stopped_outside_loop"] == 0
+    assert result["lost_steps"] == 0 and result["corrupted"] == 0
+    assert result["steps"] == result["reference_steps"] == 10 and result["mismatched_steps"] == []
+    assert len(result["resumes"]) == 2 and all(at == newest for newest, at in result["resumes"]), result["resumes"]
