@@ -53,7 +53,7 @@ from rollout.scheduler import MemoryScheduler
 
 log = logging.getLogger("tandem")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)  # how clusters and spot instances preempt a job, and Ctrl-C
-SIGNAL_AT = "TANDEM_SIGNAL_AT"  # for tests: "<phase>:<step>" (rollout | train) sends this process SIGTERM there
+SIGNAL_AT = "TANDEM_SIGNAL_AT"  # for tests: "<phase>:<step>[:<rank>]" (rollout | train) sends SIGTERM there
 
 
 def make_scheduler(optimizer, kind: str, warmup: int, total: int):
@@ -264,6 +264,7 @@ class TrainerBase:
             self._keep_best(metrics)
             # a signal: every rank stops after the same step (any rank's signal counts), with a checkpoint of it
             if total(float(self.stop_signal is not None)) > 0 and self.step < cfg.max_steps:
+                self.stop_signal = self.stop_signal or "a signal to another rank"
                 if not saved:
                     self.save_checkpoint()
                 self.stopped = True
@@ -294,8 +295,9 @@ class TrainerBase:
                 signal.signal(s, handler)
 
     def signal_point(self, phase: str, step: int) -> None:
-        """Tests stop a run at a known point of a step (SIGNAL_AT), as a cluster's SIGTERM would."""
-        if os.environ.get(SIGNAL_AT) == f"{phase}:{step}":
+        """Tests stop a run at a known point of a step (SIGNAL_AT "<phase>:<step>", or "...:<rank>" for one
+        rank of a torchrun group), as a cluster's SIGTERM would."""
+        if os.environ.get(SIGNAL_AT) in (f"{phase}:{step}", f"{phase}:{step}:{self.rank}"):
             os.kill(os.getpid(), signal.SIGTERM)
 
     def _stopped_lines(self) -> list[str]:

@@ -22,7 +22,8 @@ TRAIN = {"max_steps": 4, "save_every": 0, "num_threads": 1}  # no periodic check
 
 
 def _run(argv: list[str], signal_at: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TANDEM_SIGNAL_AT"}
+    env = {k: v for k, v in os.environ.items() if k not in ("TANDEM_SIGNAL_AT", "WORLD_SIZE")}
+    env["PYTHONPATH"] = str(ROOT)  # torchrun's workers import the project as the launcher does
     if signal_at:
         env["TANDEM_SIGNAL_AT"] = signal_at
     return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -76,3 +77,34 @@ def test_a_second_signal_ends_the_process_at_once():
             "print('not reached')\n")
     result = _run(["-c", code])
     assert result.returncode == 128 + 2 and "not reached" not in result.stdout, result.stderr[-2000:]
+
+
+def test_under_torchrun_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """Rank 1 alone gets SIGTERM in step 2's update: both ranks finish step 2, rank 0 writes its checkpoint and
+    says so, both exit 0; resumed under torchrun, the run ends equal to the 2-rank run never stopped."""
+    def torchrun(config, *extra, signal_at=None):
+        return _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "rl.grpo",
+                     "--config", str(config), *extra], signal_at=signal_at)
+
+    def config(where):
+        where.mkdir()
+        cfg = to_dict(run_config(where, train=TRAIN))
+        cfg["grpo"]["prompts_per_step"] = 1  # per rank
+        path = where / "run.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+
+    reference = torchrun(config(tmp_path / "whole"))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    stopped = torchrun(config(tmp_path / "stopped"), signal_at="train:2:1")
+    assert stopped.returncode == 0, stopped.stderr[-3000:]
+    assert "stopped by a signal to another rank after step 2; checkpoint" in stopped.stderr
+    run = tmp_path / "stopped" / "run"
+    assert [p.name for p in (run / "checkpoints").glob("step-*")] == ["step-000002"]
+    assert [r["step"] for r in _metrics(run)] == [1, 2]
+    resumed = torchrun(tmp_path / "stopped" / "run.yaml", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    whole = _metrics(tmp_path / "whole" / "run")
+    compared = [k for k in whole[0] if not k.startswith(VARYING)]
+    got = _metrics(run)
+    assert [{k: r.get(k) for k in compared} for r in got] == [{k: r.get(k) for k in compared} for r in whole]
