@@ -64,3 +64,54 @@ def grpo_with_vllm(tmp_path, model_yaml: str):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     return result, rows
+
+
+def set_lora_b(model, seed: int, scale: float = 0.1):
+    """Every LoRA B matrix drawn from N(0, scale^2) with this seed: an adapter that changes the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_((torch.randn(p.shape, generator=g) * scale).to(p.device, p.dtype))
+
+
+def next_token_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """(vocab,) fp32 log-probabilities of the token after `ids`, in eval mode."""
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return torch.log_softmax(model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float(), -1)
+
+
+def greedy_partings(model, prompts, ours, theirs, bound: float) -> list[int]:
+    """Two engines' greedy completions (one per prompt) compared token by token: wherever they part, the
+    model's own top two tokens there must be within `bound` nats (a near-tie its rounding can flip). -> per
+    prompt, the tokens identical before the parting (printed as a total)."""
+    agreed = []
+    for prompt, a, b in zip(prompts, ours, theirs):
+        a, b = a[0].token_ids, b[0].token_ids
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        agreed.append(k)
+        if k < min(len(a), len(b)):
+            lp = next_token_logprobs(model, prompt + a[:k])
+            assert abs(float(lp[a[k]] - lp[b[k]])) < bound, (k, float(lp[a[k]]), float(lp[b[k]]))
+    total = sum(max(len(a[0].token_ids), len(b[0].token_ids)) for a, b in zip(ours, theirs))
+    print(f"greedy agreement: {sum(agreed)}/{total} tokens identical before any parting")
+    return agreed
+
+
+def crash_at(trainer, step: int) -> None:
+    """Run `trainer` until it is about to start `step`, then stop it as a crash would (after the checkpoints
+    written so far)."""
+    import pytest
+
+    run_step = trainer.train_step
+
+    def crashing(n):
+        if n == step:
+            raise KeyboardInterrupt(f"stopped before step {step}")
+        return run_step(n)
+
+    trainer.train_step = crashing
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()

@@ -16,7 +16,7 @@ from rl.checkpoint import main as checkpoint_cli
 from rl.checkpoint import verify
 from rl.config import to_dict
 from rl.trainer import GRPOTrainer
-from tests.helpers import run_config
+from tests.helpers import crash_at, run_config
 from tests.test_trainer import lora_state, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,17 +30,7 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("runs")
     whole = GRPOTrainer(run_config(base / "whole", train=TRAIN))
     whole.train()
-    crashing = GRPOTrainer(run_config(base / "crashed", train=TRAIN))
-    step = crashing.train_step
-
-    def crash_at_3(n):
-        if n == 3:
-            raise KeyboardInterrupt("stopped after the checkpoint of step 2")
-        return step(n)
-
-    crashing.train_step = crash_at_3
-    with pytest.raises(KeyboardInterrupt):
-        crashing.train()
+    crash_at(GRPOTrainer(run_config(base / "crashed", train=TRAIN)), 3)  # after the checkpoint of step 2
     return read_metrics(base / "whole" / "run" / "metrics.jsonl"), lora_state(whole.model), base / "crashed" / "run"
 
 

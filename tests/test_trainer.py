@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rl.trainer import GRPOTrainer
-from tests.helpers import run_config
+from tests.helpers import crash_at, run_config
 
 
 def lora_state(model):
@@ -67,17 +67,7 @@ def test_resume_gives_the_same_next_step(tmp_path, loss_type, iterations, beta):
 
     # the same run (the schedule's length is the run's), stopped after its checkpoint at step 2
     config = run_config(tmp_path / "b", grpo=grpo, train={"max_steps": 3, "save_every": 2, **schedule})
-    crashing = GRPOTrainer(config)
-    step = crashing.train_step
-
-    def crash_at_3(n):
-        if n == 3:
-            raise KeyboardInterrupt("stopped after the checkpoint of step 2")
-        return step(n)
-
-    crashing.train_step = crash_at_3
-    with pytest.raises(KeyboardInterrupt):
-        crashing.train()
+    crash_at(GRPOTrainer(config), 3)
     trainer = GRPOTrainer(config, resume="latest")
     assert trainer.step == 2
     trainer.train()

@@ -21,7 +21,7 @@ from rl.config import LoraSection, ModelSection  # noqa: E402
 from rl.model import load_policy, resolve_source  # noqa: E402
 from rollout import NativeEngine, SamplingParams  # noqa: E402
 from rollout.vllm_engine import unsupported_reason  # noqa: E402
-from tests.helpers import grpo_with_vllm  # noqa: E402
+from tests.helpers import greedy_partings, grpo_with_vllm  # noqa: E402
 
 if unsupported_reason() is not None:
     pytest.skip(unsupported_reason(), allow_module_level=True)
@@ -60,17 +60,9 @@ def _logprobs(model, ids):
 
 
 def _check_agreement(policy, prompts, ours, theirs):
-    agreed = total = 0
-    for prompt, a, b in zip(prompts, ours, theirs):
-        a, b = a[0].token_ids, b[0].token_ids
-        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        agreed, total = agreed + k, total + max(len(a), len(b))
-        assert k > 0, "the engines disagree on the first token"
-        if k < min(len(a), len(b)):  # parted: the policy must be at a near-tie there
-            lp = _logprobs(policy.model, prompt + a[:k])
-            assert abs(float(lp[a[k]] - lp[b[k]])) < FP32_LOGP, (k, float(lp[a[k]]), float(lp[b[k]]))
-    print(f"greedy agreement: {agreed}/{total} tokens identical before any parting")
-    return agreed / total
+    agreed = greedy_partings(policy.model, prompts, ours, theirs, FP32_LOGP)
+    assert all(k > 0 for k in agreed), "the engines disagree on the first token"
+    return sum(agreed) / sum(max(len(a[0].token_ids), len(b[0].token_ids)) for a, b in zip(ours, theirs))
 
 
 def test_base_weights_are_shared_not_copied(setup):

@@ -25,7 +25,7 @@ from rl.model import load_policy, resolve_source  # noqa: E402
 from rollout import NativeEngine, SamplingParams  # noqa: E402
 from rollout.vllm_compat import has_bitsandbytes, installed_version  # noqa: E402
 from rollout.vllm_engine import unsupported_reason  # noqa: E402
-from tests.helpers import grpo_with_vllm  # noqa: E402
+from tests.helpers import greedy_partings, grpo_with_vllm, next_token_logprobs, set_lora_b  # noqa: E402
 
 if unsupported_reason() is not None:
     pytest.skip(unsupported_reason(), allow_module_level=True)
@@ -44,7 +44,7 @@ def setup():
     torch.manual_seed(0)
     policy = load_policy(ModelSection(name="smollm2-135m-instruct", dtype="float32", kernels=False,
                                       load_in_4bit=True), LoraSection(r=8), seed=0)
-    _set_lora(policy.model, seed=1, scale=0.1)
+    set_lora_b(policy.model, seed=1, scale=0.1)
     own = {n: weakref.ref(p.data) for n, p in policy.model.named_parameters() if _is_4bit(p)}
     model_dir, _ = resolve_source("smollm2-135m-instruct", 0, need_dir=True)
     engine = VLLMEngine(policy.model, policy.tokenizer, model_dir, lora_rank=8, max_model_len=512)
@@ -57,29 +57,15 @@ def _is_4bit(p):
     return getattr(p, "quant_state", None) is not None
 
 
-def _set_lora(model, seed, scale):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * scale)
-
-
-def _logprobs(model, ids):
-    model.eval()
-    with torch.no_grad():
-        return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, -1].float(), -1)
-
-
 def _first_token_gaps(policy, engine, prompts):
     """-> per prompt: (|vLLM - policy|, |policy - base|) for vLLM's greedy first token, in nats."""
     outs = engine.generate(prompts, SamplingParams(max_tokens=1, temperature=0, stop_token_ids=[]))
     gaps = []
     for prompt, group in zip(prompts, outs):
         token, theirs = group[0].token_ids[0], group[0].logprobs[0]
-        mine = float(_logprobs(policy.model, prompt)[token])
+        mine = float(next_token_logprobs(policy.model, prompt)[token])
         with policy.model.disable_adapter():
-            base = float(_logprobs(policy.model, prompt)[token])
+            base = float(next_token_logprobs(policy.model, prompt)[token])
         gaps.append((abs(theirs - mine), abs(mine - base)))
     return gaps
 
@@ -104,7 +90,7 @@ def test_lora_changes_reach_vllm_in_memory(setup):
     still on the previous adapter, or on none, would fail)."""
     policy, engine, prompts, _ = setup
     for seed in (2, 3):
-        _set_lora(policy.model, seed=seed, scale=0.1)
+        set_lora_b(policy.model, seed=seed, scale=0.1)
         gaps = _first_token_gaps(policy, engine, prompts)
         print(f"adapter {seed}: |vLLM - policy|, |policy - base| per prompt:",
               [(round(a, 3), round(b, 3)) for a, b in gaps])
@@ -117,19 +103,11 @@ def test_greedy_agrees_with_the_native_engine_up_to_bf16_near_ties(setup):
     the bf16 bound: how many tokens agree before that depends on the CPU's bf16 rounding and is printed, not
     asserted (with the fixture's adapter, 92 of 96 here)."""
     policy, engine, prompts, _ = setup
-    _set_lora(policy.model, seed=1, scale=0.1)
+    set_lora_b(policy.model, seed=1, scale=0.1)
     params = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[])
     ours = engine.generate(prompts, params)
     native = NativeEngine(policy.model, policy.tokenizer).generate(prompts, params)
-    agreed = total = 0
-    for prompt, a, b in zip(prompts, ours, native):
-        a, b = a[0].token_ids, b[0].token_ids
-        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        agreed, total = agreed + k, total + max(len(a), len(b))
-        if k < min(len(a), len(b)):  # parted (even at the first token): the fp32 policy must be at a bf16 near-tie
-            lp = _logprobs(policy.model, prompt + a[:k])
-            assert abs(float(lp[a[k]] - lp[b[k]])) < BF16_LOGP, (k, float(lp[a[k]]), float(lp[b[k]]))
-    print(f"greedy agreement: {agreed}/{total} tokens identical before any parting")
+    greedy_partings(policy.model, prompts, ours, native, BF16_LOGP)
 
 
 def test_the_shared_weights_stay_shared_after_training_forwards(setup):
@@ -143,7 +121,7 @@ def test_the_shared_weights_stay_shared_after_training_forwards(setup):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in policy.model.named_parameters()
                if "lora_" in n)
     policy.model.zero_grad(set_to_none=True)
-    _logprobs(policy.model, prompts[1])  # eval, no grad
+    next_token_logprobs(policy.model, prompts[1])  # eval, no grad
     assert pointers == {n: p.data_ptr() for n, p in policy.model.named_parameters() if _is_4bit(p)}
 
 

@@ -19,6 +19,7 @@ from rl.model import load_policy, resolve_source  # noqa: E402
 from rollout import NativeEngine, SamplingParams  # noqa: E402
 from rollout.vllm_compat import has_bitsandbytes, installed_version  # noqa: E402
 from rollout.vllm_engine import unsupported_reason  # noqa: E402
+from tests.helpers import greedy_partings, next_token_logprobs, set_lora_b  # noqa: E402
 
 if unsupported_reason() is not None:
     pytest.skip(unsupported_reason(), allow_module_level=True)
@@ -38,7 +39,7 @@ def setup(request):
     torch.manual_seed(0)
     policy = load_policy(ModelSection(name="smollm2-135m-instruct", dtype="bfloat16", kernels=False,
                                       load_in_4bit=four_bit), LoraSection(r=8), seed=0)
-    _set_lora(policy.model, seed=1)
+    set_lora_b(policy.model, seed=1)
     torch.cuda.synchronize()
     used_policy = _used()
     model_dir, _ = resolve_source("smollm2-135m-instruct", 0, need_dir=True)
@@ -55,20 +56,6 @@ def setup(request):
 def _used() -> int:
     free, total = torch.cuda.mem_get_info()
     return total - free
-
-
-def _set_lora(model, seed, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_((torch.randn(p.shape, generator=g) * scale).to(p.device, p.dtype))
-
-
-def _logprobs(model, ids):
-    model.eval()
-    with torch.no_grad():
-        return torch.log_softmax(model(input_ids=torch.tensor([ids], device="cuda")).logits[0, -1].float(), -1)
 
 
 def _base_tensors(policy, four_bit):
@@ -101,14 +88,14 @@ def test_one_copy_of_the_base(setup):
 def test_lora_changes_reach_vllm_in_memory(setup):
     policy, engine, prompts = setup["policy"], setup["engine"], setup["prompts"]
     for seed in (2, 3):
-        _set_lora(policy.model, seed=seed)
+        set_lora_b(policy.model, seed=seed)
         outs = engine.generate(prompts, SamplingParams(max_tokens=1, temperature=0, stop_token_ids=[]))
         gaps, moved = [], []
         for prompt, group in zip(prompts, outs):
             token, theirs = group[0].token_ids[0], group[0].logprobs[0]
-            mine = float(_logprobs(policy.model, prompt)[token])
+            mine = float(next_token_logprobs(policy.model, prompt)[token])
             with policy.model.disable_adapter():
-                base = float(_logprobs(policy.model, prompt)[token])
+                base = float(next_token_logprobs(policy.model, prompt)[token])
             gaps.append(abs(theirs - mine))
             moved.append(abs(mine - base))
         print(f"adapter {seed}: |vLLM - policy| {[round(g, 3) for g in gaps]}, |policy - base| "
@@ -118,19 +105,11 @@ def test_lora_changes_reach_vllm_in_memory(setup):
 
 def test_greedy_agrees_with_the_native_engine_up_to_bf16_near_ties(setup):
     policy, engine, prompts = setup["policy"], setup["engine"], setup["prompts"]
-    _set_lora(policy.model, seed=1)
+    set_lora_b(policy.model, seed=1)
     params = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[])
     ours = engine.generate(prompts, params)
     native = NativeEngine(policy.model, policy.tokenizer).generate(prompts, params)
-    agreed = total = 0
-    for prompt, a, b in zip(prompts, ours, native):
-        a, b = a[0].token_ids, b[0].token_ids
-        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        agreed, total = agreed + k, total + max(len(a), len(b))
-        if k < min(len(a), len(b)):
-            lp = _logprobs(policy.model, prompt + a[:k])
-            assert abs(float(lp[a[k]] - lp[b[k]])) < BF16_LOGP, (k, float(lp[a[k]]), float(lp[b[k]]))
-    print(f"greedy agreement: {agreed}/{total} tokens identical before any parting")
+    greedy_partings(policy.model, prompts, ours, native, BF16_LOGP)
 
 
 def test_generation_works_again_after_the_cache_comes_back_and_the_weights_stayed(setup):
