@@ -217,12 +217,20 @@ def _count(n: int, thing: str) -> str:
     return f"{n} {thing}{'' if n == 1 else 's'}"
 
 
-def resume_command(cfg, module: str, world: int) -> str:
-    """The command that continues this run from its last checkpoint (further: a larger train.max_steps). The
-    run's own config.yaml holds every setting, overrides included."""
+def resume_command(cfg, module: str, world: int, further: bool = True) -> str:
+    """The command that continues this run from its last checkpoint (further: beyond its end, to a larger
+    train.max_steps). The run's own config.yaml holds every setting, overrides included."""
     launch = f"torchrun --nproc_per_node {world} -m {module}" if world > 1 else f"python -m {module}"
     config = Path(cfg.train.output_dir) / "config.yaml"
-    return f"{launch} --config {shlex.quote(str(config))} --resume --train.max_steps {2 * cfg.train.max_steps}"
+    command = f"{launch} --config {shlex.quote(str(config))} --resume"
+    return command + (f" --train.max_steps {2 * cfg.train.max_steps}" if further else "")
+
+
+def stopped_lines(cfg, *, module: str, step: int, world: int, signal_name: str) -> list[str]:
+    """What a run stopped by a signal says last: the checkpoint of the step it finished, and how to go on."""
+    checkpoint = Path(cfg.train.output_dir) / "checkpoints" / f"step-{step:06d}"
+    return [f"{module}: stopped by {signal_name} after step {step}; checkpoint {checkpoint}",
+            f"  resume   {resume_command(cfg, module, world, further=False)}"]
 
 
 def closing_lines(cfg, *, module: str, step: int, world: int) -> list[str]:

@@ -30,7 +30,6 @@ import copy
 import logging
 import math
 import os
-import shlex
 import signal
 import threading
 from pathlib import Path
@@ -45,7 +44,7 @@ from rl.config import to_dict
 from rl.distributed import (active, average_gradients, finish, full, full_model_state, full_states, init_from_env,
                             mean_over_ranks, shard, total)
 from rl.errors import ConfigError, TrainingError
-from rl.health import HealthMonitor, closing_lines, hints, startup_summary
+from rl.health import HealthMonitor, closing_lines, hints, startup_summary, stopped_lines
 from rl.model import load_policy, resolve_device, resolve_dtype
 from rl.resume import check_compatible, pick_checkpoint, saved_config
 from rl.tracking import Tracker
@@ -228,8 +227,11 @@ class TrainerBase:
                 if not self.stopped:
                     self.save_final()
                 ok = True
-                self._say(self._stopped_lines() if self.stopped else
-                          closing_lines(self.cfg, module=self.module, step=self.step, world=self.world))
+                if self.stopped:
+                    self._say(stopped_lines(self.cfg, module=self.module, step=self.step, world=self.world,
+                                            signal_name=self.stop_signal))
+                else:
+                    self._say(closing_lines(self.cfg, module=self.module, step=self.step, world=self.world))
         finally:
             self.tracker.close()
             engine = getattr(self, "engine", None)  # GRPO's: shut down while the process group is there
@@ -299,14 +301,6 @@ class TrainerBase:
         rank of a torchrun group), as a cluster's SIGTERM would."""
         if os.environ.get(SIGNAL_AT) in (f"{phase}:{step}", f"{phase}:{step}:{self.rank}"):
             os.kill(os.getpid(), signal.SIGTERM)
-
-    def _stopped_lines(self) -> list[str]:
-        launch = f"torchrun --nproc_per_node {self.world} -m {self.module}" if self.world > 1 else \
-            f"python -m {self.module}"
-        config = shlex.quote(str(self.out / "config.yaml"))
-        return [f"{self.module}: stopped by {self.stop_signal} after step {self.step}; checkpoint "
-                f"{self.out / 'checkpoints' / f'step-{self.step:06d}'}",
-                f"  resume   {launch} --config {config} --resume"]
 
     def _keep_best(self, metrics: dict) -> None:
         """A checkpoint of this step under checkpoints/best/ when its evaluation is the best so far."""
