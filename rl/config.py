@@ -103,6 +103,9 @@ class RolloutSection:
     vllm_kv_cache_gb: float = 1.0  # vLLM on CPU: memory for its KV cache
     vllm_gpu_memory_utilization: float = 0.3  # vLLM on CUDA: its share of the card (weights + KV cache)
     vllm_share_weights: bool = True  # policy's base = vLLM's tensors; false: vLLM keeps its own (CPU: packed)
+    # vLLM on CUDA without torch.compile or CUDA graphs: starts in seconds rather than a minute or more, decodes
+    # slower. On the CPU vLLM always runs eager.
+    vllm_enforce_eager: bool = False
     # native engine, QLoRA on CUDA: decode batches of up to 16 rows by reading the NF4 codes (no merged bf16
     # copy of the projections for them: less memory); off until its kernel is measured faster than merged
     native_decode_4bit: bool = False

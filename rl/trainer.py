@@ -155,7 +155,7 @@ class GRPOTrainer(TrainerBase):
                            kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
                            gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
                            share_weights=cfg.rollout.vllm_share_weights, seed=cfg.train.seed,
-                           decode_4bit=cfg.rollout.native_decode_4bit)
+                           enforce_eager=cfg.rollout.vllm_enforce_eager or None, decode_4bit=cfg.rollout.native_decode_4bit)
 
     def _check_vllm_share(self) -> None:
         """vLLM sizes itself as a fraction of the whole card, which must leave training room in the budget."""

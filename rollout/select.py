@@ -13,7 +13,7 @@ log = logging.getLogger("tandem")
 
 def make_engine(kind: str, model, tokenizer, *, model_dir=None, lora_rank: int = 16, max_model_len: int = 2048,
                 kv_cache_gb: float = 1.0, gpu_memory_utilization: float = 0.3, share_weights: bool = True,
-                seed: int = 0, decode_4bit: bool = False):
+                seed: int = 0, enforce_eager: bool | None = None, decode_4bit: bool = False):
     """The engine for `kind`. vLLM needs the model's directory (it loads the weights itself, then the policy
     shares them). `auto` uses it only inside the tested range of releases; `vllm` also outside it, warning."""
     if kind in ("auto", "vllm"):
@@ -35,7 +35,7 @@ def make_engine(kind: str, model, tokenizer, *, model_dir=None, lora_rank: int =
             try:
                 engine = VLLMEngine(model, tokenizer, model_dir, lora_rank=lora_rank, max_model_len=max_model_len,
                                     kv_cache_gb=kv_cache_gb, gpu_memory_utilization=gpu_memory_utilization,
-                                    share_weights=share_weights, seed=seed)
+                                    share_weights=share_weights, seed=seed, enforce_eager=enforce_eager)
                 engine.selection = f"vLLM ({why})"
                 return engine
             except RuntimeError as e:
