@@ -21,7 +21,9 @@ must be each one's own). The setting is the one the peers were measured in: rand
 (vocabulary cut to the SmolLM2 tokenizer's 49,152), saved once in bf16 and loaded 4-bit (NF4, double
 quantization), LoRA r16 / alpha 32 on q, k, v, o, gate, up, down; one prompt x `--completions` completions
 x `--tokens` tokens per step; loss dapo, beta 0; a reward that varies across completions. Reported: the
-median seconds per step over steps 2.. (the first pays one-time costs) and the peak GPU memory.
+median seconds per step over steps 2.. (the first pays one-time costs), split into the rollout (generation
+and rewards; for TRL and Unsloth, TRL's generate-and-score call) and the rest of the step (training), and the
+peak GPU memory.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 PROMPT = "Write a short story about a robot who learns to paint. Make it vivid."
 VLLM_SHARE = 0.3  # of the card, for every implementation's vLLM (weights + KV cache)
 PHASES: dict[str, float] = {}  # Tandem's per-phase memory metrics, the largest over the steps
+ROLLOUT_S: list[float] = []  # each step's rollout time (generation and rewards), for the per-phase split
 
 
 def token_reward(prompts, completions, completion_ids=None, **kwargs):
@@ -88,6 +91,7 @@ def run_tandem(path: str, a) -> list[float]:
         trainer.step = step
         metrics = trainer.train_step(step)
         times.append(metrics["timing/step"])
+        ROLLOUT_S.append(metrics["timing/rollout"] + metrics["timing/rewards"])
         for key, value in metrics.items():  # the phases' peaks, and the plan the scheduler chose
             if key.startswith(("memory/", "rollout/waves")):
                 PHASES[key] = max(PHASES.get(key, value), value)
@@ -121,6 +125,19 @@ class _StepTimer:
         self.times: list[float] = []
         self.callback = Callback()
 
+    def time_rollouts(self, trainer):
+        """Times TRL's generation and scoring (with Unsloth too, whose GRPOTrainer is TRL's, patched): one call
+        a step at gradient accumulation 1, its rollout phase; the rest of the step is training."""
+        generate = trainer._generate_and_score_completions
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = generate(*args, **kwargs)
+            ROLLOUT_S.append(time.perf_counter() - t0)
+            return out
+
+        trainer._generate_and_score_completions = timed
+
 
 def _dataset(a):
     from datasets import Dataset
@@ -147,6 +164,7 @@ def run_trl(path: str, a) -> list[float]:
                           train_dataset=_dataset(a), processing_class=_tokenizer(),
                           peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, task_type="CAUSAL_LM"),
                           callbacks=[timer.callback])
+    timer.time_rollouts(trainer)
     trainer.train()
     return timer.times
 
@@ -166,6 +184,7 @@ def run_unsloth(path: str, a) -> list[float]:
     trainer = GRPOTrainer(model=model, reward_funcs=[token_reward], args=_trl_config(a, use_vllm=fast),
                           train_dataset=_dataset(a),
                           processing_class=_tokenizer(), callbacks=[timer.callback])
+    timer.time_rollouts(trainer)
     trainer.train()
     return timer.times
 
@@ -190,6 +209,9 @@ def child(a) -> int:
            "trl-vllm": run_trl, "unsloth": run_unsloth, "unsloth-vllm": run_unsloth}[a.impl]
     times = run(path, a)
     timed = times[1:] or times
+    rollout = ROLLOUT_S[1:len(times)] or ROLLOUT_S[:1]
+    split = dict(rollout_s=statistics.median(rollout),
+                 train_s=statistics.median(t - r for t, r in zip(timed, rollout))) if rollout else {}
     # Tandem's scheduler resets the allocator's peak at every phase (it plans from each phase's own): the
     # process's peak is then the largest phase peak, not what the allocator reports at the end
     peak = max([peak_gb(), *(v * 2**30 / 1e9 for k, v in PHASES.items() if k.endswith("_peak_gb"))])
@@ -197,7 +219,8 @@ def child(a) -> int:
         return 0  # under torchrun: rank 0 reports (its steps wait for every rank's gradients)
     print(json.dumps(dict(shape=a.shape, impl=a.impl, ranks=int(os.environ.get("WORLD_SIZE", "1")),
                           tokens=a.tokens, steps=len(times),
-                          s_per_step=statistics.median(timed), step_times=times, peak_gb=peak, **PHASES)))
+                          s_per_step=statistics.median(timed), step_times=times, **split, peak_gb=peak,
+                          **PHASES)))
     return 0
 
 
@@ -244,13 +267,15 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
         if a.json:
             Path(a.json).write_text(json.dumps(rows, indent=1))
-    print("| shape | implementation | processes | s/step (median of steps 2..) | peak GB |")
-    print("|---|---|---|---|---|")
+    print("| shape | implementation | processes | s/step (median of steps 2..) | rollout s | train s | peak GB |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['shape']} | {r['impl']} | {r['ranks']} | error: {r['error']} | |")
+            print(f"| {r['shape']} | {r['impl']} | {r['ranks']} | error: {r['error']} | | | |")
         else:
-            print(f"| {r['shape']} | {r['impl']} | {r['ranks']} | {r['s_per_step']:.2f} | {r['peak_gb']:.2f} |")
+            phases = " | ".join(f"{r[k]:.2f}" if k in r else "" for k in ("rollout_s", "train_s"))
+            print(f"| {r['shape']} | {r['impl']} | {r['ranks']} | {r['s_per_step']:.2f} | {phases} | "
+                  f"{r['peak_gb']:.2f} |")
     return 0
 
 
