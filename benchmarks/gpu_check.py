@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # not marked gpu: on a CPU they run the kernels through Triton's interpreter, on CUDA compiled
 KERNEL_TESTS = ["tests/test_kernels.py", "tests/test_decode_attention.py", "tests/test_merge_lora.py",
                 "tests/test_nf4_matmul.py", "tests/test_selective_logprobs.py"]
+# vLLM's sleep-mode allocator on CUDA serves one engine per process: this module runs once per base, each alone
+VLLM_GPU_TESTS, VLLM_BASES = "tests/test_vllm_engine_gpu.py", ("bf16", "nf4")
 
 
 def run_logged(name: str, cmd: list[str], out: Path, timeout: int) -> tuple[int, float]:
@@ -93,12 +95,18 @@ def main(argv=None) -> int:
     py = sys.executable
 
     pytest = [py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfEsP", "--durations=10"]  # P: passed tests' prints
-    code, test_s = run_logged("tests", pytest + ["-m", "gpu or vllm", f"--junitxml={out / 'tests.xml'}", "tests"],
-                              out, a.tests_timeout)
+    code, test_s = run_logged("tests", pytest + ["-m", "gpu or vllm", f"--junitxml={out / 'tests.xml'}",
+                                                 f"--ignore={VLLM_GPU_TESTS}", "tests"], out, a.tests_timeout)
     kernel_code, kernel_s = run_logged("kernel_tests", pytest + [f"--junitxml={out / 'kernel_tests.xml'}",
                                                                  *KERNEL_TESTS], out, a.tests_timeout)
     code, test_s = max(code, kernel_code), test_s + kernel_s
-    tests = test_counts([out / "tests.xml", out / "kernel_tests.xml"])
+    reports = [out / "tests.xml", out / "kernel_tests.xml"]
+    for base in VLLM_BASES:  # vLLM on CUDA builds one engine per process: one process per base
+        base_code, base_s = run_logged(f"vllm_{base}", pytest + ["-k", base, f"--junitxml={out / f'vllm_{base}.xml'}",
+                                                               VLLM_GPU_TESTS], out, a.tests_timeout)
+        code, test_s = max(code, base_code if base_code != 5 else 0), test_s + base_s  # 5: all skipped (no vLLM)
+        reports.append(out / f"vllm_{base}.xml")
+    tests = test_counts(reports)
     capped_code, capped_s = run_logged(
         "capped_step", [py, "benchmarks/bench_grpo.py", "--shapes", "qwen2.5-1.5b", "--impls", "tandem",
                         "--cap-gb", "16", "--tokens", "1024", "--steps", "2", "--json", str(out / "capped.json")],

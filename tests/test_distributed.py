@@ -40,7 +40,8 @@ def _config(tmp_path: Path, name: str, prompts_per_rank: int, steps: int, **extr
 
 
 def _run(args: list[str], processes: int = 1, module: str = "rl.grpo"):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                 str(processes)] if processes > 1 else [sys.executable]

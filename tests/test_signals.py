@@ -23,7 +23,8 @@ TRAIN = {"max_steps": 4, "save_every": 0, "num_threads": 1}  # no periodic check
 
 def _run(argv: list[str], signal_at: str | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("TANDEM_SIGNAL_AT", "WORLD_SIZE")}
-    env["PYTHONPATH"] = str(ROOT)  # torchrun's workers import the project as the launcher does
+    # torchrun's workers import the project as the launcher does, and what the environment adds
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     if signal_at:
         env["TANDEM_SIGNAL_AT"] = signal_at
     return subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

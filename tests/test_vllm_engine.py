@@ -25,6 +25,9 @@ from tests.helpers import greedy_partings, grpo_with_vllm  # noqa: E402
 
 if unsupported_reason() is not None:
     pytest.skip(unsupported_reason(), allow_module_level=True)
+if torch.cuda.is_available():  # vLLM takes its CUDA platform wherever a GPU is visible
+    pytest.skip("vLLM's CPU path; with a GPU visible, tests/test_vllm_engine_gpu.py tests the engine",
+                allow_module_level=True)
 
 QUESTIONS = ["What is 12 + 7?", "Name a colour.", "Write one word.", "Count to three."]
 FP32_LOGP = 1e-3  # nats: ~200x what vLLM and the policy differ by in fp32

@@ -29,6 +29,9 @@ from tests.helpers import greedy_partings, grpo_with_vllm, next_token_logprobs, 
 
 if unsupported_reason() is not None:
     pytest.skip(unsupported_reason(), allow_module_level=True)
+if torch.cuda.is_available():  # vLLM takes its CUDA platform wherever a GPU is visible
+    pytest.skip("vLLM's CPU path; with a GPU visible, tests/test_vllm_engine_gpu.py tests the engine",
+                allow_module_level=True)
 if not has_bitsandbytes(installed_version()):
     pytest.skip("this vLLM has no bitsandbytes: pip install --no-deps vllm-bnb-plugin==0.0.3",
                 allow_module_level=True)

@@ -5,7 +5,11 @@ generation working after it comes back.
 
 Needs a CUDA GPU and vLLM together (marked gpu and vllm): on CUDA 13 with torch 2.11 that is vLLM 0.26.0 (its
 bitsandbytes built in; its KV-cache release goes through rollout/vllm_compat.py's 0.26 path). vLLM runs with
-enforce_eager here, so that the tests start in seconds rather than compile. Not yet run: README says so.
+enforce_eager here, so that the tests start in seconds rather than compile.
+
+vLLM's sleep-mode allocator (which the KV cache's release needs) serves one engine per process: a second engine
+in the same process is skipped, with the command that runs it. benchmarks/gpu_check.py runs each base alone
+(`pytest tests/test_vllm_engine_gpu.py -k bf16`, then `-k nf4`).
 """
 
 import pytest
@@ -27,6 +31,7 @@ if unsupported_reason() is not None:
 QUESTIONS = ["What is 12 + 7?", "Name a colour.", "Write one word.", "Count to three."]
 BF16_LOGP = 0.25  # nats: both engines compute in bf16 here; the CPU tests measured gaps up to 0.054
 SLACK = 2 * 2**30  # bytes: vLLM's buffers besides its KV cache (activations, sampler, LoRA slots, workspace)
+BUILT: list[str] = []  # the base of the engine this process built
 
 
 @pytest.fixture(scope="module", params=["bf16", "nf4"])
@@ -34,6 +39,9 @@ def setup(request):
     from rollout.vllm_engine import VLLMEngine
 
     four_bit = request.param == "nf4"
+    if BUILT:
+        pytest.skip(f"this process built vLLM's engine for the {BUILT[0]} base, and vLLM's sleep-mode allocator serves "
+                    f"one engine per process: run `pytest tests/test_vllm_engine_gpu.py -k {request.param}` on its own")
     if four_bit and not has_bitsandbytes(installed_version()):
         pytest.skip("this vLLM has no bitsandbytes")
     torch.manual_seed(0)
@@ -43,6 +51,7 @@ def setup(request):
     torch.cuda.synchronize()
     used_policy = _used()
     model_dir, _ = resolve_source("smollm2-135m-instruct", 0, need_dir=True)
+    BUILT.append(request.param)
     engine = VLLMEngine(policy.model, policy.tokenizer, model_dir, lora_rank=8, max_model_len=512,
                         gpu_memory_utilization=0.3, enforce_eager=True)
     torch.cuda.synchronize()
