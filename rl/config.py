@@ -133,25 +133,47 @@ class RolloutSection:
 class GRPOSection:
     num_generations: int = 8  # G: completions per prompt
     prompts_per_step: int = 2
-    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo | gspo
+    loss_type: str = "dapo"  # grpo | bnpo | dr_grpo | dapo | gspo | cispo | sapo (rl/objectives.py)
     epsilon: float = 0.2
-    epsilon_high: float | None = None  # None = epsilon (symmetric clipping); DAPO uses 0.28
+    # None = epsilon (symmetric clipping); DAPO uses 0.28. cispo: the importance weight's cap is 1 + epsilon_high
+    epsilon_high: float | None = None
     beta: float = 0.0  # KL coefficient (k3 estimator against the adapters-disabled policy)
     num_iterations: int = 1  # mu: optimizer passes over each generated batch
-    scale_rewards: str = "group"  # group | batch | none
+    scale_rewards: str = "group"  # group | batch | none (reinforce_pp normalizes over the batch itself)
+    advantage: str = "group"  # group (GRPO's group mean) | rloo (leave-one-out) | reinforce_pp (batch-normalized)
     mask_truncated_completions: bool = False
+    entropy_coef: float = 0.0  # entropy bonus: loss - entropy_coef * (the loss type's mean of token entropies)
+    # the policy term on the highest-entropy tokens only: 0.2 keeps each micro-batch's top 20% (the 80/20 rule)
+    top_entropy_quantile: float = 1.0
+    sapo_temperature_pos: float = 1.0  # sapo's gate temperature for positive advantages
+    sapo_temperature_neg: float = 1.05  # ... and for the others
+    # DAPO's dynamic sampling: groups whose rewards are all equal are dropped and more prompts drawn, up to
+    # max_resample_rounds extra rollouts of prompts_per_step prompts a step (then dropped groups fill the batch)
+    dynamic_sampling: bool = False
+    max_resample_rounds: int = 3
 
     def __post_init__(self):
         _check(self.num_generations >= 2, f"grpo.num_generations is {self.num_generations}; group-relative "
                "advantages need at least 2 completions per prompt (8 is usual)")
         _check(self.prompts_per_step >= 1, f"grpo.prompts_per_step is {self.prompts_per_step}; use >= 1")
-        _one_of("grpo", "loss_type", self.loss_type, ("grpo", "bnpo", "dr_grpo", "dapo", "gspo"))
+        _one_of("grpo", "loss_type", self.loss_type, ("grpo", "bnpo", "dr_grpo", "dapo", "gspo", "cispo", "sapo"))
         _check(self.epsilon > 0, f"grpo.epsilon is {self.epsilon}; use a positive clip range such as 0.2")
         _check(self.epsilon_high is None or self.epsilon_high > 0,
                f"grpo.epsilon_high is {self.epsilon_high}; use a positive value (0.28 in DAPO) or null")
         _check(self.beta >= 0, f"grpo.beta is {self.beta}; use 0 (no KL term) or a positive coefficient")
         _check(self.num_iterations >= 1, f"grpo.num_iterations is {self.num_iterations}; use >= 1")
         _one_of("grpo", "scale_rewards", self.scale_rewards, ("group", "batch", "none"))
+        _one_of("grpo", "advantage", self.advantage, ("group", "rloo", "reinforce_pp"))
+        _check(self.max_resample_rounds >= 0, f"grpo.max_resample_rounds is {self.max_resample_rounds}; use >= 0 "
+               "(extra rollouts a step may take to replace groups whose rewards are all equal)")
+        _check(self.entropy_coef >= 0 and math.isfinite(self.entropy_coef),
+               f"grpo.entropy_coef is {self.entropy_coef}; use 0 (off) or a small positive bonus such as 1e-3")
+        _check(0 <= self.top_entropy_quantile <= 1,
+               f"grpo.top_entropy_quantile is {self.top_entropy_quantile}; use a fraction in [0, 1]: 1 keeps every "
+               "token, 0.2 the top 20% by entropy")
+        _check(self.sapo_temperature_pos > 0 and self.sapo_temperature_neg > 0,
+               f"grpo.sapo_temperature_pos/neg are {self.sapo_temperature_pos}/{self.sapo_temperature_neg}; use "
+               "positive temperatures (1.0 and 1.05 in the SAPO paper)")
 
 
 @dataclass
@@ -229,6 +251,9 @@ class RewardsSection:
     code_timeout_s: float = 10.0  # python_tests: wall-clock seconds per program (CPU seconds likewise)
     code_memory_mb: int = 1024  # python_tests: address space per program
     code_on_error: str = "zero"  # python_tests: a program that hangs or is killed scores 0 (zero) or None (none)
+    # per_function: each function's rewards centred and scaled within each group before the weighted sum (GDPO),
+    # so that one reward with a wide range does not drown the others; none: the weighted sum of the raw rewards
+    normalize: str = "none"
 
     def __post_init__(self):
         _check(len(self.functions) >= 1, "rewards.functions is empty; list at least one, e.g. [math_accuracy]")
@@ -239,6 +264,7 @@ class RewardsSection:
         _check(self.code_timeout_s > 0, f"rewards.code_timeout_s is {self.code_timeout_s}; use a positive number")
         _check(self.code_memory_mb >= 16, f"rewards.code_memory_mb is {self.code_memory_mb}; use at least 16")
         _one_of("rewards", "code_on_error", self.code_on_error, ("zero", "none"))
+        _one_of("rewards", "normalize", self.normalize, ("none", "per_function"))
         if self.format not in ("think_answer", "boxed"):
             try:
                 re.compile(self.format)

@@ -70,7 +70,8 @@ def _unverified(path: Path, status: str, detail: str, say) -> None:
 # would not fit (LoRA shapes, the base they adapt), or the run would silently become another one (the group
 # size, the loss, the data, the seed of its sampling and order). Every other key may change on resume.
 FIXED = ("model.name", "model.load_in_4bit", "lora.enabled", "lora.r", "lora.alpha", "lora.target_modules",
-         "grpo.num_generations", "grpo.loss_type", "objective.loss_type", "data.task", "data.path", "data.name",
+         "grpo.num_generations", "grpo.loss_type", "grpo.advantage", "grpo.dynamic_sampling", "objective.loss_type",
+         "data.task", "data.path", "data.name",
          "data.split", "data.num_examples", "train.seed")
 
 

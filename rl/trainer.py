@@ -41,7 +41,7 @@ from rl.errors import ConfigError
 from rl.logprobs import completion_logps
 from rl.loop import TrainerBase, collate, pad_rows
 from rl.model import resolve_source, unwrap
-from rl.objectives import grpo_loss, group_advantages
+from rl.objectives import grpo_loss, group_advantages, high_entropy_mask, normalize_per_function
 from rewards import RewardRunner
 from rewards.sandbox import Limits
 from rollout import SamplingParams, make_engine
@@ -119,9 +119,16 @@ class GRPOTrainer(TrainerBase):
         self._record_peak("rollout", phase_memory)
         t1 = time.perf_counter()
         rewards, reward_metrics = self.score(batch)
+        if self.cfg.grpo.dynamic_sampling:
+            r0 = time.perf_counter()
+            batch, rewards, resampled = self.resample(step, batch, rewards)
+            # the further rounds' rollouts count as rollout time, their scoring as rewards time
+            t1 += time.perf_counter() - r0 - resampled.pop("timing/resample_rewards")
+            reward_metrics.update(resampled)
         # from every rank's rewards (groups never straddle ranks; scale_rewards batch needs them all)
         grpo = self.cfg.grpo
-        everyone = group_advantages(distributed.gather(rewards), grpo.num_generations, grpo.scale_rewards)
+        everyone = group_advantages(distributed.gather(rewards), grpo.num_generations, grpo.scale_rewards,
+                                    estimator=grpo.advantage)
         advantages = everyone[self.rank * len(rewards):(self.rank + 1) * len(rewards)]
         t2 = time.perf_counter()
         self.signal_point("train", step)
@@ -139,7 +146,7 @@ class GRPOTrainer(TrainerBase):
         if every and (step % every == 0 or step == 1):
             self.tracker.log_samples(step, [
                 {"prompt": str(p), "completion": c, "reward": float(r)}
-                for p, c, r in zip(batch["prompts"], batch["texts"], rewards)][:self.cfg.grpo.num_generations])
+                for p, c, r in zip(batch["prompts"], batch["texts"], batch["rewards"])][:self.cfg.grpo.num_generations])
         return metrics
 
     def _make_engine(self):
@@ -155,7 +162,8 @@ class GRPOTrainer(TrainerBase):
                            kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
                            gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
                            share_weights=cfg.rollout.vllm_share_weights, seed=cfg.train.seed,
-                           enforce_eager=cfg.rollout.vllm_enforce_eager or None, decode_4bit=cfg.rollout.native_decode_4bit)
+                           enforce_eager=cfg.rollout.vllm_enforce_eager or None,
+                           decode_4bit=cfg.rollout.native_decode_4bit)
 
     def _check_vllm_share(self) -> None:
         """vLLM sizes itself as a fraction of the whole card, which must leave training room in the budget."""
@@ -171,10 +179,11 @@ class GRPOTrainer(TrainerBase):
                 f"{cfg.train.gpu_memory_gb}: vLLM would leave training no room. Use at most "
                 f"{budget / 2 / card:.3f}, or rollout.engine native (it sizes its KV cache per step)")
 
-    def rollout(self, rows: list[int], step: int) -> dict:
+    def rollout(self, rows: list[int], step: int, resample_round: int = 0) -> dict:
         g, rc = self.cfg.grpo.num_generations, self.cfg.rollout
+        seed = self.cfg.train.seed * 1_000_003 + step + resample_round * 1_000_000_007  # rounds of dynamic sampling
         params = SamplingParams(max_tokens=rc.max_tokens, temperature=rc.temperature, top_p=rc.top_p,
-                                top_k=rc.top_k, n=g, seed=self.cfg.train.seed * 1_000_003 + step,
+                                top_k=rc.top_k, n=g, seed=seed,
                                 stop_token_ids=stop_tokens(self.cfg, self.policy.model, self.tokenizer))
         self._sync_replica()
         outs = self.memory.generate(self.engine, [self.prompt_ids[r] for r in rows], params,
@@ -191,6 +200,38 @@ class GRPOTrainer(TrainerBase):
             "truncated": torch.tensor([c.finish_reason == "length" for c in flat]),
             "texts": texts,
         }
+
+    def resample(self, step: int, batch: dict, rewards: torch.Tensor) -> tuple[dict, torch.Tensor, dict]:
+        """Dynamic sampling (DAPO): a group whose G rewards are all equal has zero advantages and no gradient.
+        Such groups are dropped and more prompts drawn from the stream, round after round (each with its own
+        sampling seed), until the step has prompts_per_step informative groups or grpo.max_resample_rounds
+        extra rounds have run; then the batch is topped up with dropped groups (zero advantage) so that every
+        step, and every rank, trains on prompts_per_step groups. Ranks run the same rounds, so the stream stays
+        at one position everywhere and a resumed run draws what the uninterrupted one drew. The step's reward
+        metrics stay those of its first round, an unbiased view of the policy."""
+        g, want = self.cfg.grpo.num_generations, self.cfg.grpo.prompts_per_step
+        kept, dropped, rounds, prompts, score_s = [], [], 0, want, 0.0
+
+        def split(b: dict, r: torch.Tensor) -> None:
+            flat = r.view(-1, g)
+            for i, informative in enumerate((flat.std(dim=1) > 1e-6).tolist()):
+                (kept if informative else dropped).append((_rows_of(b, slice(i * g, (i + 1) * g)), flat[i]))
+
+        split(batch, rewards)
+        while rounds < self.cfg.grpo.max_resample_rounds and distributed.total(float(len(kept) < want)) > 0:
+            rounds += 1
+            rows = self.take(want)  # every rank draws, full or not: the stream moves alike everywhere
+            if len(kept) < want:
+                more = self.rollout(rows, step, resample_round=rounds)
+                t = time.perf_counter()
+                split(more, self.score(more)[0])
+                score_s += time.perf_counter() - t
+                prompts += want
+        chosen = (kept + dropped)[:want] if len(kept) < want else kept[:want]
+        metrics = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/prompts": prompts,
+                   "dynamic_sampling/groups_dropped": len(dropped),
+                   "dynamic_sampling/groups_filled": max(0, want - len(kept)), "timing/resample_rewards": score_s}
+        return _concat_rows([b for b, _ in chosen]), torch.cat([r for _, r in chosen]), metrics
 
     def _sync_replica(self) -> None:
         """A sharded run's engine generates with a whole copy: it takes the updated weights, gathered."""
@@ -211,12 +252,16 @@ class GRPOTrainer(TrainerBase):
         return metrics
 
     def score(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """-> (what the advantages are computed from, reward metrics); the weighted sum of the rewards goes into
+        batch["rewards"]. With rewards.normalize per_function, the advantages come from the sum of each
+        function's rewards normalized within its group; the metrics stay the raw rewards'."""
         prompts = batch["prompts"]
         completions = [[{"role": "assistant", "content": t}] if is_chat(p) else t
                        for p, t in zip(prompts, batch["texts"])]
         columns = {k: [self.dataset[r][k] for r in batch["rows"]] for k in self.dataset.column_names if k != "prompt"}
         per_fn = self.rewards(prompts, completions, {**columns, "completion_ids": batch["completion_ids"]})
         total = self.rewards.combine(per_fn)  # (N,)
+        batch["rewards"] = total
         g = self.cfg.grpo.num_generations
         group_std = total.view(-1, g).std(dim=1)
         metrics = {"reward": total.mean(), "reward_std": group_std.mean(),
@@ -225,6 +270,8 @@ class GRPOTrainer(TrainerBase):
             col = per_fn[:, i]
             metrics[f"rewards/{name}/mean"] = torch.nanmean(col)
             metrics[f"rewards/{name}/std"] = col[~col.isnan()].std() if (~col.isnan()).sum() > 1 else 0.0
+        if self.cfg.rewards.normalize == "per_function":
+            return self.rewards.combine(normalize_per_function(per_fn, g)), metrics
         return total, metrics
 
     def update(self, batch: dict, advantages: torch.Tensor) -> dict:
@@ -285,11 +332,18 @@ class GRPOTrainer(TrainerBase):
             is_w = None
             if cfg.rollout.importance_sampling_cap > 0:
                 is_w = torch.exp(old_s - sampling[s, :tc].to(device)).clamp(max=cfg.rollout.importance_sampling_cap)
+            g = cfg.grpo
+            selected = high_entropy_mask(entropy.detach(), m, g.top_entropy_quantile) \
+                if g.top_entropy_quantile < 1 else None
             loss, metrics = grpo_loss(
                 logps, old_s, ref[s, :tc].to(device) if ref is not None else None, advantages[s].to(device), m,
-                loss_type=cfg.grpo.loss_type, epsilon=cfg.grpo.epsilon, epsilon_high=cfg.grpo.epsilon_high,
-                beta=cfg.grpo.beta, is_weights=is_w, num_items_in_batch=num_items,
-                max_completion_length=cfg.rollout.max_tokens)
+                loss_type=g.loss_type, epsilon=g.epsilon, epsilon_high=g.epsilon_high,
+                beta=g.beta, is_weights=is_w, num_items_in_batch=num_items,
+                max_completion_length=cfg.rollout.max_tokens,
+                sapo_temperatures=(g.sapo_temperature_pos, g.sapo_temperature_neg), policy_mask=selected,
+                entropy=entropy if g.entropy_coef else None, entropy_coef=g.entropy_coef)
+            if selected is not None:
+                metrics["entropy/selected_fraction"] = (selected * m).sum() / m.sum().clamp(min=1.0)
             scale = self._accumulation_scale(s, n, len(slices))
             (loss * scale).backward()
             totals["loss"] = totals.get("loss", 0.0) + float(loss.detach()) * scale
@@ -306,7 +360,7 @@ class GRPOTrainer(TrainerBase):
     def _accumulation_scale(self, s: slice, n: int, num_slices: int) -> float:
         """Makes the sum of micro-batch losses equal the loss of the whole batch (TRL's semantics)."""
         loss_type = self.cfg.grpo.loss_type
-        if loss_type == "dapo":
+        if loss_type in ("dapo", "cispo"):
             return 1.0  # already normalized by the whole batch's token count
         if loss_type == "bnpo":
             return 1.0 / num_slices
@@ -335,3 +389,13 @@ class GRPOTrainer(TrainerBase):
         return {"completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
                 "completions/max_length": lengths.max(), "completions/clipped_ratio": truncated.float().mean(),
                 "completions/mean_terminated_length": terminated.mean() if terminated.numel() else 0.0}
+
+
+def _rows_of(batch: dict, rows: slice) -> dict:
+    """Rows of a rollout batch (lists and tensors alike)."""
+    return {k: v[rows] for k, v in batch.items()}
+
+
+def _concat_rows(batches: list[dict]) -> dict:
+    return {k: torch.cat([b[k] for b in batches]) if isinstance(batches[0][k], torch.Tensor)
+            else [x for b in batches for x in b[k]] for k in batches[0]}

@@ -35,3 +35,18 @@ def constant(prompts, completions, **kwargs):
 def token_value(prompts, completions, completion_ids, **kwargs):
     # the first token, scripted by tests/test_eval.py's engine: 0, 1, 2 -> 0.0, 0.5, 1.0; 3 -> None (not applicable)
     return [None if ids[0] == 3 else ids[0] / 2 for ids in completion_ids]
+
+
+def token_value_or_none(prompts, completions, completion_ids, **kwargs):
+    # a second reward that is sometimes not applicable (None): for rewards.normalize per_function
+    return [None if not ids or ids[0] % 5 == 0 else ids[-1] % 7 for ids in completion_ids]
+
+
+def wide_token_reward(prompts, completions, completion_ids, **kwargs):
+    # a reward with a range 1000 times token_reward's, which would drown it in a plain sum
+    return [1000.0 * (ids[0] % 2) if ids else 0.0 for ids in completion_ids]
+
+
+def flat_unless_multiple_of_3(prompts, completions, completion_ids, answer, **kwargs):
+    # no signal unless the answer is a multiple of 3 (elsewhere every completion scores 0.5), token_reward there
+    return [sum(ids) % 97 / 97 if int(a) % 3 == 0 else 0.5 for a, ids in zip(answer, completion_ids)]

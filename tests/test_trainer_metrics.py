@@ -171,7 +171,8 @@ def test_the_reported_loss_is_the_mean_over_iterations(tmp_path, monkeypatch):
     assert len(calls) == 2 * 3
     tokens = float(sum(len(c) for c, t in zip(out["batch"]["completion_ids"], out["batch"]["truncated"])))
     assert all(kw == {"loss_type": "dapo", "epsilon": 0.15, "epsilon_high": 0.25, "beta": 0.0,
-                      "num_items_in_batch": tokens, "max_completion_length": 8} for kw in keywords), keywords[0]
+                      "num_items_in_batch": tokens, "max_completion_length": 8, "sapo_temperatures": (1.0, 1.05),
+                      "policy_mask": None, "entropy": None, "entropy_coef": 0.0} for kw in keywords), keywords[0]
     # old logps are the policy's before the update, at the sampling temperature: the first pass's ratios are 1
     assert max(c["drift"] for c in calls[:3]) < 1e-5
     assert max(c["drift"] for c in calls[3:]) > 1e-3  # the second pass's: the first pass's update moved the policy
