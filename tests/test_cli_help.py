@@ -48,7 +48,8 @@ def test_grpo_help_lists_every_key_with_its_default_and_comment():
                      done.stdout)
     assert re.search(r"--rollout.importance_sampling_cap 2.0\n +Truncated importance sampling: .*\n +correct for",
                      done.stdout)
-    assert re.search(r"--grpo.loss_type dapo\n +grpo \| bnpo \| dr_grpo \| dapo \| gspo\n", done.stdout)
+    assert re.search(r"--grpo.loss_type dapo\n +grpo \| bnpo \| dr_grpo \| dapo \| gspo \| cispo \| sapo "
+                     r"\(rl/objectives.py\)\n", done.stdout)
 
 
 def test_every_default_shown_reads_back_as_the_default():
