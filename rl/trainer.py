@@ -220,13 +220,13 @@ class GRPOTrainer(TrainerBase):
         split(batch, rewards)
         while rounds < self.cfg.grpo.max_resample_rounds and distributed.total(float(len(kept) < want)) > 0:
             rounds += 1
-            rows = self.take(want)  # every rank draws, full or not: the stream moves alike everywhere
-            if len(kept) < want:
-                more = self.rollout(rows, step, resample_round=rounds)
-                t = time.perf_counter()
-                split(more, self.score(more)[0])
-                score_s += time.perf_counter() - t
-                prompts += want
+            # every rank draws and generates, full or not: the stream moves alike everywhere, and a sharded
+            # run's rollout gathers the weights from every rank
+            more = self.rollout(self.take(want), step, resample_round=rounds)
+            t = time.perf_counter()
+            split(more, self.score(more)[0])
+            score_s += time.perf_counter() - t
+            prompts += want
         chosen = (kept + dropped)[:want] if len(kept) < want else kept[:want]
         metrics = {"dynamic_sampling/rounds": rounds, "dynamic_sampling/prompts": prompts,
                    "dynamic_sampling/groups_dropped": len(dropped),

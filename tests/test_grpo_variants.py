@@ -238,3 +238,68 @@ def test_dynamic_sampling_resumes_exactly(tmp_path):
                 "dynamic_sampling/groups_dropped"):
         assert got[2][key] == pytest.approx(expected[2][key], rel=1e-5, abs=1e-7), key
     assert resumed.stream.state_dict() == straight.stream.state_dict()
+
+
+# ------------------------------------------------------------------------------------ against TRL 1.15
+
+
+class _Accelerator:  # one process: TRL's collectives are the identity
+    num_processes, sync_gradients = 1, True
+
+    def gather(self, x):
+        return x
+
+    gather_for_metrics = reduce = pad_across_processes = lambda self, x, **kwargs: x
+
+
+def _trl_loss(loss_type, logps, old, adv, mask, entropy, *, epsilon_high, quantile=1.0, entropy_coef=0.0,
+              num_items=None):
+    """TRL 1.15's GRPOTrainer._compute_loss on given log-probabilities and entropies: the method itself, run
+    on a stand-in trainer whose forward returns them (one process, no accumulation, token-level ratios)."""
+    from types import SimpleNamespace
+
+    from trl import GRPOTrainer as TRLGRPOTrainer
+
+    b, t = logps.shape
+    args = SimpleNamespace(delta=None, sapo_temperature_pos=1.0, sapo_temperature_neg=1.05,
+                           use_bias_correction_kl=False, steps_per_generation=1)
+    stub = SimpleNamespace(
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, entropy, None), aux_loss_enabled=False,
+        top_entropy_quantile=quantile, off_policy_mask_threshold=None, importance_sampling_level="token",
+        beta=0.0, loss_type=loss_type, epsilon_low=0.2, epsilon_high=epsilon_high, args=args, use_vllm=False,
+        model=SimpleNamespace(training=True), current_gradient_accumulation_steps=1, accelerator=_Accelerator(),
+        max_completion_length=t, _entropy_bonus_enabled=entropy_coef != 0, entropy_coef=entropy_coef,
+        use_adaptive_entropy=False, _metrics={"train": __import__("collections").defaultdict(list)})
+    stub.get_high_entropy_mask = lambda *a: TRLGRPOTrainer.get_high_entropy_mask(stub, *a)
+    inputs = {"prompt_ids": torch.zeros(b, 1, dtype=torch.long), "prompt_mask": torch.ones(b, 1),
+              "completion_ids": torch.zeros(b, t, dtype=torch.long), "completion_mask": mask,
+              "advantages": adv, "old_per_token_logps": old,
+              "num_items_in_batch": torch.tensor(float(mask.sum() if num_items is None else num_items))}
+    return TRLGRPOTrainer._compute_loss(stub, None, inputs), stub._metrics["train"]
+
+
+@pytest.mark.parametrize("loss_type,quantile,coef", [("cispo", 1.0, 0.0), ("sapo", 1.0, 0.0), ("grpo", 0.3, 0.0),
+                                                     ("dapo", 1.0, 0.02), ("dapo", 0.2, 0.0)])
+def test_losses_equal_trls(loss_type, quantile, coef):
+    """The loss and its gradients (log-probabilities and entropies) equal TRL's for one micro-batch. TRL's
+    entropy bonus is a plain token mean whatever the loss type; ours is the loss type's own mean, which for dapo
+    over one micro-batch is the same."""
+    logps, old, mask, adv = _inputs(seed=5)
+    entropy = torch.rand(3, 5, generator=torch.Generator().manual_seed(6)).requires_grad_()
+    trl_logps, trl_entropy = logps.detach().clone().requires_grad_(), entropy.detach().clone().requires_grad_()
+    # TRL's cispo cap is epsilon_high itself, ours 1 + epsilon_high
+    theirs, trl_metrics = _trl_loss(loss_type, trl_logps, old, adv[:, None], mask, trl_entropy,
+                                    epsilon_high=1.3 if loss_type == "cispo" else 0.28, quantile=quantile,
+                                    entropy_coef=coef)
+    selected = high_entropy_mask(entropy.detach(), mask, quantile) if quantile < 1 else None
+    ours, metrics = grpo_loss(logps, old, None, adv, mask, loss_type=loss_type,
+                              epsilon_high=0.3 if loss_type == "cispo" else 0.28,
+                              num_items_in_batch=float(mask.sum()), policy_mask=selected,
+                              entropy=entropy if coef else None, entropy_coef=coef)
+    torch.testing.assert_close(ours, theirs)
+    (ours + 0 * entropy.sum()).backward()
+    (theirs + 0 * trl_entropy.sum()).backward()
+    torch.testing.assert_close(logps.grad, trl_logps.grad)
+    torch.testing.assert_close(entropy.grad, trl_entropy.grad)
+    if loss_type == "cispo":
+        assert float(metrics["clip_ratio/high_mean"]) == pytest.approx(trl_metrics["cispo_clip_ratio"][0])
