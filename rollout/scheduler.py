@@ -63,6 +63,17 @@ def plan_waves(num_prompts: int, n: int, max_rows: int) -> list[tuple[int, int, 
     return [(p, 1, min(max_rows, n - done)) for p in range(num_prompts) for done in range(0, n, max_rows)]
 
 
+def _host_rows(row_bytes: int) -> int | None:
+    """Rows of `row_bytes` each that fit in half the host memory available now (a power of two, at least one);
+    None where the kernel does not say (no /proc/meminfo)."""
+    try:
+        with open("/proc/meminfo") as f:
+            kb = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return max(1, _floor_pow2(kb * 1024 // 2 // max(row_bytes, 1)))
+
+
 def _wave_seed(params, first: int, part: int) -> int | None:
     """A wave's sampling seed: from the step's, its first prompt's index in the whole step's batch and, for a
     group split over waves, the part; the whole batch in one wave on one rank keeps the step's seed."""
@@ -252,14 +263,19 @@ class MemoryScheduler:
         if self.offload_optimizer_setting or (self.offload_optimizer_setting is None and self.cuda):
             self.offload_optimizer()  # a few ms for LoRA's moments; their room goes to the KV cache
         per_row = getattr(engine, "bytes_per_row", None)
-        if per_row is None or (self.budget is None and self.max_rows is None):
+        rows = len(prompts) * params.n
+        length = engine.rollout_length(max(map(len, prompts)), params.max_tokens) if per_row else 0
+        # without a GPU budget, host memory bounds the rollout (its KV cache lives there): a held-out evaluation
+        # of hundreds of prompts x n samples would otherwise ask for more than the machine has
+        host_cap = None if per_row is None or self.cuda or self.budget is not None else _host_rows(per_row(length))
+        if per_row is None or (self.budget is None and self.max_rows is None
+                               and (host_cap is None or host_cap >= rows)):
             self.last_waves = 1  # vLLM sizes and schedules its own KV cache
             return engine.generate(prompts, replace(params, seed=_wave_seed(params, prompt_offset, 0)))
-        length = engine.rollout_length(max(map(len, prompts)), params.max_tokens)
         row_bytes = per_row(length)
-        rows = self.last_rows = len(prompts) * params.n
+        self.last_rows = rows
         need = row_bytes * (1 << max(0, rows - 1).bit_length())  # the engine rounds rows up to a power of two
-        cap = None
+        cap = host_cap if host_cap is not None and host_cap < rows else None
         while True:
             try:
                 return self._generate_in_waves(engine, prompts, params, prompt_offset, need, row_bytes, length, cap)
@@ -287,8 +303,9 @@ class MemoryScheduler:
         waves = plan_waves(len(prompts), params.n, max_rows)
         self.last_waves, self.last_rows = len(waves), max_rows
         if len(waves) > 1:
-            log.info("rollout: %d rows in %d waves of at most %d (%.2f GiB of KV cache per row, %.2f GiB free)",
-                     len(prompts) * params.n, len(waves), max_rows, row_bytes / GIB, (free or 0) / GIB)
+            room = "half the host's available memory" if free is None else f"{free / GIB:.2f} GiB free"
+            log.info("rollout: %d rows in %d waves of at most %d (%.2f GiB of KV cache per row, %s)",
+                     len(prompts) * params.n, len(waves), max_rows, row_bytes / GIB, room)
         prepared = {"refresh_weights": False} if hasattr(engine, "prepare") else {}
         groups: list[list] = [[] for _ in prompts]
         parts = [0] * len(prompts)  # waves so far that began at each prompt (a split group's parts)

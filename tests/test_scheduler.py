@@ -64,6 +64,28 @@ def test_waves_give_the_single_batch_greedy_output():
                 assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
 
 
+def test_without_a_gpu_host_memory_bounds_the_waves(monkeypatch):
+    """No budget and no max_rows on the CPU: a rollout that fits in half the available host memory runs whole
+    (as before), a larger one (a held-out evaluation of hundreds of prompts x n samples) in waves that fit."""
+    import rollout.scheduler as scheduler
+
+    rows = scheduler._host_rows(1 << 20)  # MiB rows: this machine's half of its available memory, a power of 2
+    assert rows >= 1 and rows & (rows - 1) == 0
+    policy = tiny_policy()
+    engine = NativeEngine(policy.model, policy.tokenizer, cuda_graphs=False)
+    prompts, params = [[5, 6, 7], [8, 9], [10, 11, 12, 13]], SamplingParams(max_tokens=6, temperature=0.0, n=2)
+    whole = engine.generate(prompts, params)
+    seen = []
+    monkeypatch.setattr(scheduler, "_host_rows", lambda row_bytes: seen.append(row_bytes) or 2)
+    memory = MemoryScheduler(torch.device("cpu"))
+    got = memory.generate(engine, prompts, params)
+    assert memory.last_waves == 3 and seen == [engine.bytes_per_row(engine.rollout_length(4, 6))]
+    assert [[c.token_ids for c in g] for g in got] == [[c.token_ids for c in g] for g in whole]
+    monkeypatch.setattr(scheduler, "_host_rows", lambda row_bytes: 8)  # fits: one call, as without the check
+    memory.generate(engine, prompts, params)
+    assert memory.last_waves == 1
+
+
 def test_sampled_waves_are_reproducible_and_seeded_apart():
     policy = tiny_policy()
     engine = NativeEngine(policy.model, policy.tokenizer, cuda_graphs=False)
