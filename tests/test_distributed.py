@@ -103,6 +103,22 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(runs):
         torch.testing.assert_close(final_two[k], final_one[k], rtol=1e-4, atol=1e-5)
 
 
+def test_dynamic_sampling_runs_the_same_rounds_on_every_rank(tmp_path):
+    """Two ranks, one prompt each, rewards without signal on most prompts: every rank runs as many resample
+    rounds as the neediest one (a rank that waited on the other would hang here), so the stream's position,
+    saved in the checkpoint, is 2 ranks x (1 + rounds) prompts a step."""
+    cfg = _config(tmp_path, "dyn", 1, 2, grpo={"dynamic_sampling": True, "max_resample_rounds": 2},
+                  rewards={"functions": [f"{REWARD}:flat_unless_multiple_of_3"]}, data={"shuffle": False})
+    _run(["--config", str(cfg)], processes=2)
+    rows = _metrics(tmp_path / "dyn")
+    assert [r["step"] for r in rows] == [1, 2]
+    rounds = [r["dynamic_sampling/rounds"] for r in rows]  # a mean over ranks: whole when they agree
+    assert all(float(n).is_integer() for n in rounds) and sum(rounds) > 0
+    assert all(r["dynamic_sampling/prompts"] == 1 + n for r, n in zip(rows, rounds))
+    state = json.loads((tmp_path / "dyn" / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
+    assert state["data"] == {"epoch": 0, "index": int(sum(2 * (1 + n) for n in rounds))}
+
+
 # ------------------------------------------------------------------------------------ full-parameter, FSDP2
 
 FULL = {"enabled": False}
