@@ -120,6 +120,9 @@ def test_top_k_and_top_p_filter_like_a_reference():
     # top-k: exactly the k largest survive
     z = filter_logits(logits, SamplingParams(temperature=1.0, top_k=7))
     assert ((z > float("-inf")).sum(-1) == 7).all()
+    # top_k 1: the argmax alone (a filter that starts at k > 1 would sample from the whole vocabulary)
+    z = filter_logits(logits, SamplingParams(temperature=1.0, top_k=1))
+    assert torch.equal((z > float("-inf")).nonzero()[:, 1], logits.argmax(-1))
     # top-p: the smallest prefix of the sorted distribution whose mass reaches p survives
     z = filter_logits(logits, SamplingParams(temperature=0.5, top_p=0.8))
     probs = torch.softmax(logits / 0.5, -1)
