@@ -265,17 +265,16 @@ class MemoryScheduler:
         per_row = getattr(engine, "bytes_per_row", None)
         rows = len(prompts) * params.n
         length = engine.rollout_length(max(map(len, prompts)), params.max_tokens) if per_row else 0
+        row_bytes = per_row(length) if per_row else 0
         # without a GPU budget, host memory bounds the rollout (its KV cache lives there): a held-out evaluation
         # of hundreds of prompts x n samples would otherwise ask for more than the machine has
-        host_cap = None if per_row is None or self.cuda or self.budget is not None else _host_rows(per_row(length))
-        if per_row is None or (self.budget is None and self.max_rows is None
-                               and (host_cap is None or host_cap >= rows)):
+        host_rows = _host_rows(row_bytes) if per_row and not self.cuda and self.budget is None else None
+        cap = host_rows if host_rows is not None and host_rows < rows else None  # only when the whole won't fit
+        if per_row is None or (self.budget is None and self.max_rows is None and cap is None):
             self.last_waves = 1  # vLLM sizes and schedules its own KV cache
             return engine.generate(prompts, replace(params, seed=_wave_seed(params, prompt_offset, 0)))
-        row_bytes = per_row(length)
         self.last_rows = rows
         need = row_bytes * (1 << max(0, rows - 1).bit_length())  # the engine rounds rows up to a power of two
-        cap = host_cap if host_cap is not None and host_cap < rows else None
         while True:
             try:
                 return self._generate_in_waves(engine, prompts, params, prompt_offset, need, row_bytes, length, cap)
