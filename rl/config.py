@@ -277,14 +277,15 @@ class RewardsSection:
 class TrackingSection:
     wandb: bool = False
     wandb_project: str = "tandem"
-    wandb_mode: str = "online"  # online | offline
+    wandb_mode: str = "auto"  # online | offline | auto: online where wandb has credentials, offline otherwise
     run_name: str | None = None
     tensorboard: bool = False
     progress: bool = True  # progress bar on stderr
     log_completions_every: int = 10  # steps between sample completions in samples.jsonl; 0 = never
+    report: bool = True  # at the end: curves.png and report.html (rl/report.py) in train.output_dir
 
     def __post_init__(self):
-        _one_of("tracking", "wandb_mode", self.wandb_mode, ("online", "offline"))
+        _one_of("tracking", "wandb_mode", self.wandb_mode, ("online", "offline", "auto"))
         _check(self.log_completions_every >= 0,
                f"tracking.log_completions_every is {self.log_completions_every}; use >= 0")
 

@@ -250,7 +250,11 @@ def closing_lines(cfg, *, module: str, step: int, world: int) -> list[str]:
     best = list_checkpoints(out / "checkpoints" / "best")
     if best:
         lines.append(f"  best     {best[-1]}  (the best checkpoint by {cfg.eval.best_metric})")
-    lines.append(f"  plots    python -m rl.plot {q(out)}  (writes {out / 'curves.png'})")
+    if (out / "report.html").is_file():
+        lines.append(f"  report   {out / 'report.html'}  (curves, settings and sample completions; open it in a "
+                     f"browser)")
+    lines.append(f"  plots    python -m rl.plot {q(out)}  (writes {out / 'curves.png'}), python -m rl.report "
+                 f"{q(out)} [MORE_RUNS...]")
     if trained.is_dir():
         lines.append(f"  try it   python -m rl.generate {q(out)}  (chat with the trained policy)")
     if module == "rl.grpo" and trained.is_dir():  # the offline objectives have no reward functions to score with

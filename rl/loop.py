@@ -227,6 +227,7 @@ class TrainerBase:
                 if not self.stopped:
                     self.save_final()
                 ok = True
+                self._write_report()
                 if self.stopped:
                     self._say(stopped_lines(self.cfg, module=self.module, step=self.step, world=self.world,
                                             signal_name=self.stop_signal))
@@ -239,6 +240,23 @@ class TrainerBase:
                 engine.close()
             if self.joined_group:
                 finish(ok)
+
+    def _write_report(self) -> None:
+        """curves.png and report.html of the run so far (rl/plot.py, rl/report.py), and the curves to wandb. A
+        report that fails to draw costs a warning: the run itself is saved by now."""
+        if self.rank != 0 or not self.cfg.tracking.report:
+            return
+        from rl.plot import plot
+        from rl.report import write_report
+
+        try:
+            curves = plot([self.out], self.out / "curves.png")
+            write_report([self.out], self.out / "report.html")
+        except Exception as e:  # noqa: BLE001 (matplotlib, a disk that is full: any of it)
+            log.warning("the run's curves.png and report.html could not be written (%s: %s); the run is saved, and "
+                        "`python -m rl.report %s` tries again", type(e).__name__, e, self.out)
+            return
+        self.tracker.log_image("curves", curves)
 
     def _steps(self) -> None:
         cfg = self.cfg.train

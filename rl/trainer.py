@@ -144,9 +144,14 @@ class GRPOTrainer(TrainerBase):
             metrics["timing/lora_sync"] = self.engine.last_sync_s
         every = self.cfg.tracking.log_completions_every
         if every and (step % every == 0 or step == 1):
+            names = [f"reward/{name}" for name in self.rewards.names]
             self.tracker.log_samples(step, [
-                {"prompt": str(p), "completion": c, "reward": float(r)}
-                for p, c, r in zip(batch["prompts"], batch["texts"], batch["rewards"])][:self.cfg.grpo.num_generations])
+                {"prompt": str(p), "completion": c, "reward": float(r),
+                 **{name: None if v != v else float(v) for name, v in zip(names, per_fn.tolist())}}
+                for p, c, r, per_fn in zip(batch["prompts"], batch["texts"], batch["rewards"], batch["rewards_per_fn"])
+            ][:self.cfg.grpo.num_generations])
+        if self.cfg.tracking.tensorboard or self.cfg.tracking.wandb:  # the same on every rank: gather is collective
+            self.tracker.log_histogram(step, "reward/histogram", distributed.gather(batch["rewards"]))
         return metrics
 
     def _make_engine(self):
@@ -261,7 +266,7 @@ class GRPOTrainer(TrainerBase):
         columns = {k: [self.dataset[r][k] for r in batch["rows"]] for k in self.dataset.column_names if k != "prompt"}
         per_fn = self.rewards(prompts, completions, {**columns, "completion_ids": batch["completion_ids"]})
         total = self.rewards.combine(per_fn)  # (N,)
-        batch["rewards"] = total
+        batch["rewards"], batch["rewards_per_fn"] = total, per_fn
         g = self.cfg.grpo.num_generations
         group_std = total.view(-1, g).std(dim=1)
         metrics = {"reward": total.mean(), "reward_std": group_std.mean(),

@@ -34,7 +34,7 @@ def run_config(tmp_path, **sections) -> GRPORunConfig:
         "rewards": {"functions": [f"{__file__.rsplit('/', 1)[0]}/reward_fns.py:token_reward"]},
         "train": {"max_steps": 2, "learning_rate": 1e-2, "micro_batch_size": 4, "output_dir": str(tmp_path / "run"),
                   "save_every": 0, "num_threads": 2},
-        "tracking": {"progress": False},
+        "tracking": {"progress": False, "report": False},  # (the browser tests write reports)
     }
     for section, values in sections.items():
         base.setdefault(section, {}).update(values)
