@@ -62,7 +62,7 @@ def tiny(line: str) -> tuple[str, list[str]]:
         f"a Usage line this test does not know how to run: {line!r}"
     module, argv = words[2], words[3:]
     kind = module.removeprefix("rl.")
-    if kind == "plot":
+    if kind in ("plot", "report"):
         return module, argv
     # the tiny first run's last checkpoint is step 1 (README's demo's is step 40)
     argv = [re.sub(r"checkpoints/step-\d+$", "checkpoints/step-000001", a) for a in argv]
@@ -86,6 +86,9 @@ def test_usage_block_runs_in_order_as_written(tmp_path, monkeypatch):
         assert done.returncode == 0, f"{line}\nexit {done.returncode}:\n{done.stderr[-3000:]}"
         if module == "rl.plot":  # it prints the PNG's path
             assert Path(done.stdout.split()[-1]).read_bytes()[:4] == b"\x89PNG", line
+            continue
+        if module == "rl.report":  # it prints the page's path
+            assert Path(done.stdout.split()[-1]).read_text().startswith("<!DOCTYPE html>"), line
             continue
         args, overrides = parse_args(module, argv)
         if args.resume:  # it continued the first run's checkpoint (rather than starting afresh)
