@@ -300,7 +300,8 @@ class MemoryScheduler:
         if max_rows < 1:
             raise self._rollout_error(row_bytes, length, "before it started")
         waves = plan_waves(len(prompts), params.n, max_rows)
-        self.last_waves, self.last_rows = len(waves), max_rows
+        # the rows of the largest wave run, not the plan's room: an out-of-memory retry halves what ran
+        self.last_waves, self.last_rows = len(waves), min(max_rows, len(prompts) * params.n)
         if len(waves) > 1:
             room = "half the host's available memory" if free is None else f"{free / GIB:.2f} GiB free"
             log.info("rollout: %d rows in %d waves of at most %d (%.2f GiB of KV cache per row, %s)",

@@ -88,16 +88,26 @@ def greedy_partings(model, prompts, ours, theirs, bound: float) -> list[int]:
     model's own top two tokens there must be within `bound` nats (a near-tie its rounding can flip). -> per
     prompt, the tokens identical before the parting (printed as a total)."""
     agreed = []
-    for prompt, a, b in zip(prompts, ours, theirs):
-        a, b = a[0].token_ids, b[0].token_ids
+    for prompt, mine, other in zip(prompts, ours, theirs):
+        a, b = mine[0].token_ids, other[0].token_ids
         k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         agreed.append(k)
         if k < min(len(a), len(b)):
             lp = next_token_logprobs(model, prompt + a[:k])
-            assert abs(float(lp[a[k]] - lp[b[k]])) < bound, (k, float(lp[a[k]]), float(lp[b[k]]))
+            gap = abs(float(lp[a[k]] - lp[b[k]]))
+            # what each engine itself gave its own token, beside the model's view: whether one engine's whole
+            # distribution there is shifted, or only the order of two tokens
+            assert gap < bound, (f"token {k}: the model's log-probs of the two tokens {float(lp[a[k]]):.3f} / "
+                                 f"{float(lp[b[k]]):.3f} (its top {float(lp.max()):.3f}), the engines' own "
+                                 f"{_own_logprob(mine[0], k)} / {_own_logprob(other[0], k)}")
     total = sum(max(len(a[0].token_ids), len(b[0].token_ids)) for a, b in zip(ours, theirs))
     print(f"greedy agreement: {sum(agreed)}/{total} tokens identical before any parting")
     return agreed
+
+
+def _own_logprob(completion, k: int) -> str:
+    logprobs = getattr(completion, "logprobs", None)
+    return f"{logprobs[k]:.3f}" if logprobs is not None and k < len(logprobs) else "?"
 
 
 def crash_at(trainer, step: int) -> None:

@@ -201,6 +201,8 @@ def test_data_parallel_dpo_matches_one_process(tmp_path):
 def test_each_rank_generates_with_its_own_vllm_engine(tmp_path):
     """vLLM in every rank's process (tensor parallel 1 on the torchrun group), shut down cleanly."""
     pytest.importorskip("vllm")
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:  # each CUDA rank takes its own device
+        pytest.skip("two ranks on CUDA need two GPUs (one per rank); tests/test_distributed_gpu.py runs them there")
     config = tmp_path / "config.yaml"
     config.write_text(
         "model: {name: smollm2-135m-instruct, dtype: bfloat16}\n"

@@ -309,3 +309,11 @@ def test_rollout_oom_halves_the_wave_and_retries_once():
     engine.limit = 1
     with pytest.raises(TrainingError, match="rollout: out of GPU memory with waves of 4 rows.*rollout.max_tokens"):
         MemoryScheduler(torch.device("cpu"), max_rows=8).generate(engine, prompts, params)
+    # a budget with room for far more rows than the batch has (a large card, shared with other processes): the
+    # retry halves the 12 rows that ran, not the thousands planned for (which would run all 12 again)
+    engine.limit = 8
+    roomy = MemoryScheduler(torch.device("cpu"))
+    roomy.budget = 64 * 2**30  # as on a card: free() is the budget less what is allocated
+    got = roomy.generate(engine, prompts, params)
+    assert roomy.backoffs == 1 and roomy.last_rows == 6 and roomy.last_waves == 3
+    assert [[c.token_ids for c in g] for g in got] == [[c.token_ids for c in g] for g in whole]
