@@ -1,4 +1,4 @@
-"""The GPU gate: what only a GPU runs, run on one, in one command (about 8 minutes on one H200).
+"""The GPU gate: what only a GPU runs, run on one, in one command (about 15 minutes on one H200 with vLLM installed).
 
     python benchmarks/gpu_check.py [--out DIR] [--commit SHA] [--steps 3] [--no-peers] [--parts tests,vllm,...]
 
