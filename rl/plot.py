@@ -42,15 +42,19 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 def choose_panels(runs: dict[Path, list[dict]]) -> list[tuple[str, str]]:
     """(metric, title) of the panels to draw, from the metrics the runs wrote."""
-    written = {k for rows in runs.values() for r in rows for k, v in r.items() if v is not None}
+    written = written_keys(runs)
     if "reward" in written:  # a run with a rollout: GRPO
         return [p if p[0] != "kl" or "kl" in written else NO_KL for p in PANELS]
     return [p for p in OFFLINE_PANELS if p[0] in written][:4]
 
 
-def eval_keys(runs: dict[Path, list[dict]]) -> list[str]:
-    """The pass metrics of held-out evaluations the runs wrote: greedy pass@1 first, then pass@k by k."""
-    written = {k for rows in runs.values() for r in rows for k, v in r.items() if v is not None}
+def written_keys(runs: dict) -> set[str]:
+    """The metrics the runs wrote a value for."""
+    return {k for rows in runs.values() for r in rows for k, v in r.items() if v is not None}
+
+
+def eval_keys(written: set[str]) -> list[str]:
+    """The pass metrics of held-out evaluations among `written`: greedy pass@1 first, then pass@k by k."""
     sampled = sorted((k for k in written if k.startswith("eval/pass@")), key=lambda k: int(k.rsplit("@", 1)[1]))
     return [k for k in ["eval/greedy_pass@1"] if k in written] + sampled
 
@@ -78,7 +82,7 @@ def figure(run_dirs: list[Path], window: int = 5):
     import matplotlib.pyplot as plt
 
     runs = {d: read_metrics(d) for d in run_dirs}
-    evals = eval_keys(runs)
+    evals = eval_keys(written_keys(runs))
     fig, axes = plt.subplots(3 if evals else 2, 2, figsize=(11, 10.5 if evals else 7))
     panels = choose_panels(runs)
     for ax in axes.flat[len(panels):]:  # a run that writes fewer than four of the metrics

@@ -19,7 +19,7 @@ import re
 import sys
 from pathlib import Path
 
-from rl.plot import eval_keys, read_metrics, smooth
+from rl.plot import eval_keys, read_metrics, smooth, written_keys
 
 MAX_SAMPLES = 2000  # rows of samples.jsonl per run in the page (the newest kept): a page, not a database
 
@@ -32,7 +32,7 @@ def _keys(pattern: str):
 PANELS = [
     ("reward (weighted sum)", _keys("reward")),
     ("reward per function (mean)", _keys(r"rewards/[^/]+/mean")),
-    ("held-out evaluation", lambda written: eval_keys({Path(): [dict.fromkeys(written, 0)]})),
+    ("held-out evaluation", eval_keys),
     ("policy entropy", _keys("entropy")),
     ("completion length (tokens)", _keys(r"completions/(mean|mean_terminated)_length")),
     ("truncated completions (fraction)", _keys("completions/clipped_ratio")),
@@ -63,10 +63,10 @@ def plots(runs: dict[str, list[dict]], window: int = 5) -> list[tuple[str, str]]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = {k for rows in runs.values() for r in rows for k, v in r.items() if isinstance(v, (int, float))}
+    written = written_keys(runs) - {"step"}
     out = []
     for title, select in PANELS:
-        keys = select(written - {"step"})
+        keys = select(written)
         if not keys:
             continue
         fig, ax = plt.subplots(figsize=(6, 3.4))
@@ -93,18 +93,22 @@ def plots(runs: dict[str, list[dict]], window: int = 5) -> list[tuple[str, str]]
     return out
 
 
-def _flatten(tree, prefix: str = "") -> dict:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()} if tree else {}
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{"grpo": {"beta": 0.0}} -> {"grpo.beta": 0.0}"""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def read_config(run_dir: Path) -> dict:
     import yaml
 
     path = run_dir / "config.yaml"
-    return {k.rstrip("."): v for k, v in _flatten(yaml.safe_load(path.read_text()) or {}).items()} \
-        if path.is_file() else {}
+    return _flatten(yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
 
 
 def read_samples(run_dir: Path) -> list[dict]:
