@@ -92,17 +92,41 @@ def greedy_partings(model, prompts, ours, theirs, bound: float) -> list[int]:
         a, b = mine[0].token_ids, other[0].token_ids
         k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         agreed.append(k)
+        # each engine's own log-probs against the model's, teacher-forced along that engine's completion: an
+        # engine whose whole distribution is shifted shows it on every token, a near-tie only at the parting
+        print(f"own vs model, max |gap| over the completion: {_own_vs_model(model, prompt, mine[0])} / "
+              f"{_own_vs_model(model, prompt, other[0])}")
         if k < min(len(a), len(b)):
             lp = next_token_logprobs(model, prompt + a[:k])
             gap = abs(float(lp[a[k]] - lp[b[k]]))
-            # what each engine itself gave its own token, beside the model's view: whether one engine's whole
-            # distribution there is shifted, or only the order of two tokens
             assert gap < bound, (f"token {k}: the model's log-probs of the two tokens {float(lp[a[k]]):.3f} / "
                                  f"{float(lp[b[k]]):.3f} (its top {float(lp.max()):.3f}), the engines' own "
-                                 f"{_own_logprob(mine[0], k)} / {_own_logprob(other[0], k)}")
+                                 f"{_own_logprob(mine[0], k)} / {_own_logprob(other[0], k)}, the logits' largest "
+                                 f"magnitude there {_largest_logit(model, prompt + a[:k]):.1f}")
     total = sum(max(len(a[0].token_ids), len(b[0].token_ids)) for a, b in zip(ours, theirs))
     print(f"greedy agreement: {sum(agreed)}/{total} tokens identical before any parting")
     return agreed
+
+
+def _own_vs_model(model, prompt: list[int], completion) -> str:
+    logprobs = getattr(completion, "logprobs", None)
+    if logprobs is None or not completion.token_ids:
+        return "?"
+    model.eval()
+    device = next(model.parameters()).device
+    ids = list(prompt) + list(completion.token_ids)
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids], device=device)).logits[0, len(prompt) - 1:-1].float()
+    theirs = torch.log_softmax(logits, -1).gather(1, torch.tensor(completion.token_ids, device=device)[:, None])
+    own = torch.tensor(list(logprobs)[:len(completion.token_ids)], device=device, dtype=torch.float32)
+    return f"{float((theirs[:len(own), 0] - own).abs().max()):.3f}"
+
+
+def _largest_logit(model, ids: list[int]) -> float:
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return float(model(input_ids=torch.tensor([ids], device=device)).logits[0, -1].float().abs().max())
 
 
 def _own_logprob(completion, k: int) -> str:
