@@ -7,13 +7,10 @@
 from __future__ import annotations
 
 import difflib
-import importlib
-import importlib.util
-import sys
-from pathlib import Path
 from typing import Callable
 
 from rl.errors import RewardError
+from rl.imports import import_where
 from rewards import builtin, code
 
 BUILTINS: dict[str, Callable] = {
@@ -23,21 +20,6 @@ BUILTINS: dict[str, Callable] = {
     "countdown": builtin.countdown,
     "python_tests": code.python_tests,
 }
-
-
-def _from_file(path: Path, attr: str, spec: str):
-    if not path.is_file():
-        raise RewardError(f"reward {spec!r}: file {path} does not exist; check the path (relative paths start "
-                          "from the current directory)")
-    module_name = f"tandem_reward_{abs(hash(str(path.resolve())))}"
-    module_spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[module_name] = module  # lets the module's own functions pickle and import siblings
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as e:
-        raise RewardError(f"reward {spec!r}: importing {path} failed with {type(e).__name__}: {e}") from None
-    return module
 
 
 def load_reward(spec: str) -> Callable:
@@ -50,14 +32,7 @@ def load_reward(spec: str) -> Callable:
         raise RewardError(f"unknown reward {spec!r}; {hint}use a built-in ({', '.join(BUILTINS)}), "
                           "pkg.module:function, or path/to/file.py:function")
     where, _, attr = spec.rpartition(":")
-    if where.endswith(".py") or "/" in where:
-        module = _from_file(Path(where), attr, spec)
-    else:
-        try:
-            module = importlib.import_module(where)
-        except ImportError as e:
-            raise RewardError(f"reward {spec!r}: cannot import module {where!r} ({e}); check the name and that "
-                              "it is installed or on PYTHONPATH") from None
+    module = import_where(where, f"reward {spec!r}", RewardError, "tandem_reward")
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
         names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]

@@ -109,9 +109,20 @@ class RolloutSection:
     # native engine, QLoRA on CUDA: decode batches of up to 16 rows by reading the NF4 codes (no merged bf16
     # copy of the projections for them: less memory); off until its kernel is measured faster than merged
     native_decode_4bit: bool = False
+    # multi-turn rollouts (rollout/environment.py): an environment class, pkg.module:Class or path/file.py:Class
+    # (built-ins rollout.tools:Calculator, rollout.tools:PythonTool), one instance per completion; null = one turn
+    environment: str | None = None
+    max_turns: int = 4  # model turns per conversation; rollout.max_tokens caps all its tokens after the prompt
+    environment_timeout_s: float = 10.0  # an environment's reset() or step() taking longer ends that conversation
 
     def __post_init__(self):
         _one_of("rollout", "engine", self.engine, ("auto", "native", "vllm"))
+        _check(self.environment is None or (isinstance(self.environment, str) and ":" in self.environment),
+               f"rollout.environment is {self.environment!r}; use pkg.module:Class or path/file.py:Class (e.g. "
+               "rollout.tools:Calculator), or null for single-turn rollouts")
+        _check(self.max_turns >= 1, f"rollout.max_turns is {self.max_turns}; use a positive count of model turns")
+        _check(self.environment_timeout_s > 0,
+               f"rollout.environment_timeout_s is {self.environment_timeout_s}; use a positive number of seconds")
         _check(self.max_tokens > 0, f"rollout.max_tokens is {self.max_tokens}; use a positive token count")
         _check(self.max_rows >= 0, f"rollout.max_rows is {self.max_rows}; use 0 (as many as fit) or a row count")
         _check(self.max_prompt_tokens > 0,
@@ -377,6 +388,9 @@ class GRPORunConfig:
     def __post_init__(self):
         check_full_parameter(self.model, self.lora)
         check_eval(self.eval, self.rewards)
+        _check(not (self.rollout.environment and self.eval.every), "eval.every with rollout.environment: held-out "
+               "evaluation runs single-turn rollouts and would not call the environment; set eval.every 0 (the "
+               "training metrics env/... and rewards show the multi-turn run's progress)")
         if not self.lora.enabled:
             _check(self.grpo.beta == 0, f"grpo.beta is {self.grpo.beta} with lora.enabled false: the KL term needs "
                    "the reference policy, which LoRA runs get by turning the adapters off; use grpo.beta 0 or LoRA")

@@ -195,6 +195,9 @@ def startup_summary(cfg, *, module: str, start_step: int, world: int, device: st
     if grpo is not None:
         data += (f"; a step: {_count(grpo.prompts_per_step, 'prompt')} x {grpo.num_generations} completions of at "
                  f"most {_count(cfg.rollout.max_tokens, 'token')}")
+        if cfg.rollout.environment:
+            data += (f", multi-turn with {cfg.rollout.environment} (up to {_count(cfg.rollout.max_turns, 'model turn')}"
+                     "; its answers are in the tokens, not in the loss)")
     out = Path(t.output_dir)
     saved = "adapter/" if cfg.lora.enabled else "model/"
     if cfg.lora.enabled and t.save_merged and not m.load_in_4bit:  # (a 4-bit base is not merged: loop.py says so)

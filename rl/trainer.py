@@ -14,6 +14,9 @@ One step:
                num_iterations > 1; else the detached current logps, as in TRL); ref_logps come from the same
                model with adapters disabled, only when beta > 0.
 
+With rollout.environment set, step 1 is multi-turn (rollout/environment.py): one environment per completion,
+the model's turns and the environment's answers in one token sequence, the loss masked to the model's tokens.
+
 With eval.every set, the held-out prompts (rl/evaluation.py) are answered through the same engine every
 eval.every steps and after the last, and the best evaluation's checkpoint is kept (eval.best_metric, rl/best.py).
 
@@ -45,6 +48,7 @@ from rl.objectives import grpo_loss, group_advantages, high_entropy_mask, normal
 from rewards import RewardRunner
 from rewards.sandbox import Limits
 from rollout import SamplingParams, make_engine
+from rollout.environment import load_environment, open_conversations, run_turns
 from rollout.native import eos_token_ids
 from rollout.vllm_engine import unsupported_reason
 
@@ -87,6 +91,7 @@ class GRPOTrainer(TrainerBase):
         self.prompt_ids = tokenize_all(self.dataset, self.tokenizer, cfg.data, cfg.rollout.max_prompt_tokens)
         self.stream = PromptStream(len(self.dataset), cfg.train.seed, cfg.data.shuffle)
         self.rewards = reward_runner(cfg)
+        self.environment = load_environment(cfg.rollout.environment) if cfg.rollout.environment else None
         self._preflight_rewards()
         if eval_dataset is not None:
             self.evaluation = Evaluation(cfg, eval_dataset, self.tokenizer, self.rewards,
@@ -106,6 +111,8 @@ class GRPOTrainer(TrainerBase):
         row = self.dataset[0]
         completion = [{"role": "assistant", "content": ""}] if is_chat(row["prompt"]) else ""
         columns = {k: [v] for k, v in row.items() if k != "prompt"}
+        if self.environment is not None:
+            columns["turns"] = [[]]
         self.rewards([row["prompt"]], [completion], {**columns, "completion_ids": [[]]})
 
     # ------------------------------------------------------------------------------------ the loop
@@ -135,8 +142,9 @@ class GRPOTrainer(TrainerBase):
         train_metrics = self.update(batch, advantages)
         self._record_peak("train", phase_memory)
         t3 = time.perf_counter()
-        generated = sum(len(c) for c in batch["completion_ids"])
-        metrics = {**reward_metrics, **self._length_metrics(batch), **train_metrics,
+        generated = sum(map(sum, batch["completion_masks"])) if "completion_masks" in batch else \
+            sum(len(c) for c in batch["completion_ids"])  # the model's tokens, not an environment's
+        metrics = {**reward_metrics, **self._length_metrics(batch), **self._turn_metrics(batch), **train_metrics,
                    "timing/rollout": t1 - t0, "timing/rewards": t2 - t1, "timing/train": t3 - t2,
                    "timing/step": t3 - t0, "throughput/rollout_tokens_per_s": generated / max(t1 - t0, 1e-9),
                    **phase_memory, **self.memory.metrics()}
@@ -145,11 +153,14 @@ class GRPOTrainer(TrainerBase):
         every = self.cfg.tracking.log_completions_every
         if every and (step % every == 0 or step == 1):
             names = [f"reward/{name}" for name in self.rewards.names]
-            self.tracker.log_samples(step, [
-                {"prompt": str(p), "completion": c, "reward": float(r),
-                 **{name: None if v != v else float(v) for name, v in zip(names, per_fn.tolist())}}
-                for p, c, r, per_fn in zip(batch["prompts"], batch["texts"], batch["rewards"], batch["rewards_per_fn"])
-            ][:self.cfg.grpo.num_generations])
+            rows = [{"prompt": str(p), "completion": c, "reward": float(r),
+                     **{name: None if v != v else float(v) for name, v in zip(names, per_fn.tolist())}}
+                    for p, c, r, per_fn in zip(batch["prompts"], batch["texts"], batch["rewards"],
+                                               batch["rewards_per_fn"])]
+            if "turns" in batch:  # multi-turn: what the environment did, and why a conversation ended early
+                for row, turns, calls, error in zip(rows, batch["num_turns"], batch["tool_calls"], batch["env_errors"]):
+                    row.update(turns=int(turns), tool_calls=int(calls), environment_error=error)
+            self.tracker.log_samples(step, rows[:self.cfg.grpo.num_generations])
         if self.cfg.tracking.tensorboard or self.cfg.tracking.wandb:  # the same on every rank: gather is collective
             self.tracker.log_histogram(step, "reward/histogram", distributed.gather(batch["rewards"]))
         return metrics
@@ -191,6 +202,8 @@ class GRPOTrainer(TrainerBase):
                                 top_k=rc.top_k, n=g, seed=seed,
                                 stop_token_ids=stop_tokens(self.cfg, self.policy.model, self.tokenizer))
         self._sync_replica()
+        if self.environment is not None:
+            return self._rollout_turns(rows, params)
         outs = self.memory.generate(self.engine, [self.prompt_ids[r] for r in rows], params,
                                     prompt_offset=self.rank * len(rows))
         flat = [c for group in outs for c in group]  # (P * G) completions, groups contiguous
@@ -204,6 +217,33 @@ class GRPOTrainer(TrainerBase):
             "sampling_logps": [c.logprobs for c in flat],
             "truncated": torch.tensor([c.finish_reason == "length" for c in flat]),
             "texts": texts,
+        }
+
+    def _rollout_turns(self, rows: list[int], params: SamplingParams) -> dict:
+        """A multi-turn rollout: G conversations per prompt, each with its own environment."""
+        g, rc = self.cfg.grpo.num_generations, self.cfg.rollout
+        envs, prompts = open_conversations([self.dataset[r] for r in rows], g, self.environment, self.tokenizer,
+                                           rc.environment_timeout_s, rc.max_prompt_tokens)
+        offset = self.rank * len(prompts)  # each conversation is its own prompt (n = 1)
+        convs = run_turns(lambda ids, p: self.memory.generate(self.engine, ids, p, prompt_offset=offset),
+                          self.tokenizer, envs, prompts, params, rc.max_turns, rc.environment_timeout_s,
+                          eos_token_ids(unwrap(self.policy.model), self.tokenizer))
+        for c in convs:
+            if c.error:
+                log.warning("rollout: %s (that conversation ends there; samples.jsonl records it)", c.error)
+        return {
+            "rows": [r for r in rows for _ in range(g)],
+            "prompt_ids": prompts,
+            "prompts": [self.dataset[r]["prompt"] for r in rows for _ in range(g)],
+            "completion_ids": [c.token_ids for c in convs],
+            "completion_masks": [c.mask for c in convs],
+            "sampling_logps": [c.logprobs for c in convs],
+            "truncated": torch.tensor([c.finish_reason == "length" for c in convs]),
+            "texts": [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in convs],
+            "turns": [c.history for c in convs],
+            "num_turns": torch.tensor([float(c.turns) for c in convs]),
+            "tool_calls": torch.tensor([float(c.tool_calls) for c in convs]),
+            "env_errors": [c.error for c in convs],
         }
 
     def resample(self, step: int, batch: dict, rewards: torch.Tensor) -> tuple[dict, torch.Tensor, dict]:
@@ -264,6 +304,8 @@ class GRPOTrainer(TrainerBase):
         completions = [[{"role": "assistant", "content": t}] if is_chat(p) else t
                        for p, t in zip(prompts, batch["texts"])]
         columns = {k: [self.dataset[r][k] for r in batch["rows"]] for k in self.dataset.column_names if k != "prompt"}
+        if "turns" in batch:  # multi-turn: each model turn the environment answered
+            columns["turns"] = batch["turns"]
         per_fn = self.rewards(prompts, completions, {**columns, "completion_ids": batch["completion_ids"]})
         total = self.rewards.combine(per_fn)  # (N,)
         batch["rewards"], batch["rewards_per_fn"] = total, per_fn
@@ -283,10 +325,7 @@ class GRPOTrainer(TrainerBase):
         cfg = self.cfg
         n = len(batch["completion_ids"])
         width = max(max(len(c) for c in batch["completion_ids"]), 1)
-        lengths = torch.tensor([len(c) for c in batch["completion_ids"]])
-        mask = (torch.arange(width)[None, :] < lengths[:, None]).float()  # (N, Tmax)
-        if cfg.grpo.mask_truncated_completions:
-            mask[batch["truncated"]] = 0.0
+        mask = loss_mask(batch, width, cfg.grpo.mask_truncated_completions)  # (N, Tmax)
         sampling = pad_rows(batch["sampling_logps"], width)  # (N, Tmax)
         # the tokens of the whole step, over ranks, divided by the world: DAPO's token mean on each rank is
         # then its share of the step's x world, and the gradients' average over ranks the step's gradient
@@ -387,6 +426,12 @@ class GRPOTrainer(TrainerBase):
 
     # ------------------------------------------------------------------------------------ metrics
 
+    def _turn_metrics(self, batch: dict) -> dict:
+        if "num_turns" not in batch:
+            return {}
+        return {"env/turns": batch["num_turns"].mean(), "env/tool_calls": batch["tool_calls"].mean(),
+                "env/errors": float(sum(e is not None for e in batch["env_errors"]))}
+
     def _length_metrics(self, batch: dict) -> dict:
         lengths = torch.tensor([len(c) for c in batch["completion_ids"]], dtype=torch.float32)
         truncated = batch["truncated"]
@@ -394,6 +439,18 @@ class GRPOTrainer(TrainerBase):
         return {"completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
                 "completions/max_length": lengths.max(), "completions/clipped_ratio": truncated.float().mean(),
                 "completions/mean_terminated_length": terminated.mean() if terminated.numel() else 0.0}
+
+
+def loss_mask(batch: dict, width: int, mask_truncated: bool) -> torch.Tensor:
+    """(N, width) 1.0 on the tokens the loss counts: each completion's own, not its padding, nor (multi-turn)
+    the environment's tokens, nor a truncated completion's when mask_truncated."""
+    lengths = torch.tensor([len(c) for c in batch["completion_ids"]])
+    mask = (torch.arange(width)[None, :] < lengths[:, None]).float()
+    if "completion_masks" in batch:
+        mask *= pad_rows(batch["completion_masks"], width)
+    if mask_truncated:
+        mask[batch["truncated"]] = 0.0
+    return mask
 
 
 def _rows_of(batch: dict, rows: slice) -> dict:

@@ -280,12 +280,15 @@ class VLLMEngine:
         self._wake()
         self.sync_lora()
         no_stop = params.stop_token_ids is not None and len(params.stop_token_ids) == 0
-        sp = VLLMSamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
-                                top_k=params.top_k if params.top_k > 0 else 0, max_tokens=params.max_tokens,
-                                seed=params.seed, logprobs=0, ignore_eos=no_stop,
-                                stop_token_ids=list(params.stop_token_ids or []) or None,
-                                skip_special_tokens=True)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_token_ids], sp,
+        # a seed is per request in vLLM: prompt i gets seed + i, so that two equal prompts (a multi-turn
+        # rollout's conversations, each its own prompt) are not sampled alike
+        sps = [VLLMSamplingParams(n=params.n, temperature=params.temperature, top_p=params.top_p,
+                                  top_k=params.top_k if params.top_k > 0 else 0, max_tokens=params.max_tokens,
+                                  seed=None if params.seed is None else params.seed + i, logprobs=0,
+                                  ignore_eos=no_stop, stop_token_ids=list(params.stop_token_ids or []) or None,
+                                  skip_special_tokens=True)
+               for i in range(len(prompt_token_ids))]
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompt_token_ids], sps,
                                  lora_request=self.lora_request, use_tqdm=False)
         groups = []
         for out in outs:

@@ -110,7 +110,7 @@ def greedy_partings(model, prompts, ours, theirs, bound: float) -> list[int]:
 
 def _own_vs_model(model, prompt: list[int], completion) -> str:
     logprobs = getattr(completion, "logprobs", None)
-    if logprobs is None or not completion.token_ids:
+    if not logprobs or not completion.token_ids:
         return "?"
     model.eval()
     device = next(model.parameters()).device

@@ -50,3 +50,8 @@ def wide_token_reward(prompts, completions, completion_ids, **kwargs):
 def flat_unless_multiple_of_3(prompts, completions, completion_ids, answer, **kwargs):
     # no signal unless the answer is a multiple of 3 (elsewhere every completion scores 0.5), token_reward there
     return [sum(ids) % 97 / 97 if int(a) % 3 == 0 else 0.5 for a, ids in zip(answer, completion_ids)]
+
+
+def turn_rewards(prompts, completions, turns, **kwargs):
+    # multi-turn: the environment's per-turn rewards, summed
+    return [sum(t["reward"] or 0.0 for t in conversation) for conversation in turns]

@@ -152,3 +152,29 @@ def test_a_4bit_policy_is_refused_where_vllm_has_no_bitsandbytes(tmp_path, caplo
         engine = make_engine("auto", policy.model, policy.tokenizer, model_dir=str(tmp_path))
     assert isinstance(engine, NativeEngine)
     assert any("rollout engine: native" in r.getMessage() and "4-bit" in r.getMessage() for r in caplog.records)
+
+
+def test_multiturn_greedy_conversations_agree_with_the_native_engine(setup):
+    """The turn loop (rollout/environment.py) over vLLM and over the native engine: the same conversations, the
+    environment's answers included, up to fp32 near-ties."""
+    from rl.model import unwrap
+    from rollout.engine import Completion
+    from rollout.environment import open_conversations, run_turns
+    from rollout.native import eos_token_ids
+    from tests.environments import Echo
+
+    policy, engine, _, _ = setup
+    rows = [{"prompt": q} for q in QUESTIONS[:2]]
+    eot = eos_token_ids(unwrap(policy.model), policy.tokenizer)
+    params = SamplingParams(max_tokens=64, temperature=0, stop_token_ids=eot)
+    native = NativeEngine(policy.model, policy.tokenizer)
+    both = []
+    for generate in (engine.generate, native.generate):
+        envs, prompts = open_conversations(rows, 1, Echo, policy.tokenizer, 10.0, 512)
+        both.append(run_turns(generate, policy.tokenizer, envs, prompts, params, 3, 10.0, eot))
+    ours, theirs = ([[Completion(c.token_ids, [], c.finish_reason)] for c in convs] for convs in both)
+    assert max(c.tool_calls for c in both[1]) >= 1  # a conversation went past its first turn
+    assert _check_agreement(policy, prompts, ours, theirs) > 0.5
+    for a, b in zip(*both):  # where a conversation is the same, so is what the loss counts in it
+        if a.token_ids == b.token_ids:
+            assert a.mask == b.mask and a.history == b.history

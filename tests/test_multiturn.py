@@ -1,0 +1,197 @@
+"""Multi-turn rollouts on the CPU (rollout/environment.py, rollout/tools.py, the trainer's loss mask).
+
+A tiny random model rarely writes its end-of-sequence token, so these tests end its turns with a wide set of
+stop tokens (STOPS: about 40% of what it samples): conversations of several short turns. Greedy decoding is
+compared with a turn-by-turn HF generate reference up to fp32 near-ties (tests/helpers.py greedy_partings),
+never token for token across batch shapes.
+"""
+
+import json
+import time
+
+import pytest
+import torch
+
+from rl.model import unwrap
+from rl.trainer import GRPOTrainer, loss_mask
+from rollout import NativeEngine, SamplingParams
+from rollout.engine import Completion
+from rollout.environment import EnvironmentSetupError, load_environment, open_conversations, run_turns, tool_tokens
+from rollout.native import eos_token_ids
+from rollout.tools import Calculator, calculate
+from tests.environments import Echo, HangsInStep, MalformedStep, OpensDifferently, RaisesInReset, RaisesInStep
+from tests.helpers import greedy_partings, run_config, tiny_policy
+
+ROWS = [{"prompt": "What is 2 + 3?"}, {"prompt": "Name a number."}]
+STOPS = [2] + list(range(1000, 20000))  # the EOS and ~40% of a random model's samples
+# ~12%: turns of ~8 tokens, long enough that decoding and encoding them again would change some (a third of
+# random 10-token sequences do), so that a turn loop that tokenized what came before again is seen
+LONGER_TURNS = [2] + list(range(1000, 6000))
+TIE = 1e-4  # fp32 near-ties (tests/test_native_engine.py)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return tiny_policy("tiny")
+
+
+def converse(policy, env_cls, params, max_turns=3, timeout_s=5.0, calls=None, rows=ROWS, g=2):
+    engine = NativeEngine(policy.model, policy.tokenizer)
+
+    def generate(ids, p):
+        outs = engine.generate(ids, p)
+        if calls is not None:
+            calls.append((ids, outs))
+        return outs
+
+    envs, prompts = open_conversations(rows, g, env_cls, policy.tokenizer, timeout_s, 512)
+    eot = eos_token_ids(unwrap(policy.model), policy.tokenizer)
+    return prompts, run_turns(generate, policy.tokenizer, envs, prompts, params, max_turns, timeout_s, eot), eot
+
+
+def test_the_mask_covers_exactly_the_models_tokens_and_nothing_is_retokenized(policy):
+    calls = []
+    params = SamplingParams(max_tokens=64, temperature=1.0, seed=3, stop_token_ids=LONGER_TURNS)
+    prompts, convs, eot = converse(policy, Echo, params, max_turns=3, calls=calls)
+    assert len(calls) == 3 and sum(c.tool_calls for c in convs) >= 4  # several turns happened
+    for i, conv in enumerate(convs):
+        assert len(conv.token_ids) == len(conv.mask) == len(conv.logprobs) <= params.max_tokens
+        turns = [(ids[live.index(i)], outs[live.index(i)][0])  # this conversation's (prompt, output) per turn
+                 for t, (ids, outs) in enumerate(calls)
+                 for live in [[k for k, c in enumerate(convs) if c.turns > t]] if i in live]
+        assert len(turns) == conv.turns
+        model_tokens = 0
+        for k, (prompt, out) in enumerate(turns):
+            # the turn's prompt is the conversation as it stays: nothing before it was tokenized again
+            assert prompt == (conv.prompt_ids + conv.token_ids)[:len(prompt)]
+            start = len(prompt) - len(conv.prompt_ids)
+            own = out.token_ids[:params.max_tokens - start]
+            end = start + len(own)
+            assert conv.token_ids[start:end] == own and conv.mask[start:end] == [1] * len(own)
+            assert conv.logprobs[start:end] == out.logprobs[:len(own)]
+            model_tokens += len(own)
+            # between this turn and the next: the environment's answer, rendered by the chat template, masked
+            following = len(turns[k + 1][0]) - len(conv.prompt_ids) if k + 1 < len(turns) else len(conv.token_ids)
+            if following > end:
+                answer = tool_tokens(policy.tokenizer, conv.history[k]["observation"], eot)
+                assert conv.token_ids[end:following] == answer and conv.mask[end:following] == [0] * len(answer)
+                assert policy.tokenizer.decode(answer).startswith("\n<|im_start|>tool\nseen ")
+        assert sum(conv.mask) == model_tokens
+    # the trainer's loss mask is the conversations' mask, padded
+    width = max(len(c.token_ids) for c in convs)
+    batch = {"completion_ids": [c.token_ids for c in convs], "completion_masks": [c.mask for c in convs],
+             "truncated": torch.tensor([False] * len(convs))}
+    expected = torch.tensor([c.mask + [0] * (width - len(c.mask)) for c in convs], dtype=torch.float32)
+    assert torch.equal(loss_mask(batch, width, mask_truncated=False), expected)
+
+
+def reference_turns(policy, env, prompt, params, max_turns, eot) -> list[int]:
+    """Turn by turn with HF generate (greedy), the environment's answers appended as tool_tokens renders them."""
+    ids = []
+    for turn in range(max_turns):
+        room = params.max_tokens - len(ids)
+        x = torch.tensor([prompt + ids])
+        out = policy.model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=room,
+                                    do_sample=False, eos_token_id=STOPS, pad_token_id=0)
+        new = out[0, x.shape[1]:].tolist()
+        ids += new
+        if new[-1] not in STOPS:  # cut at max_tokens
+            break
+        observation, _, done = env.step(policy.tokenizer.decode(new, skip_special_tokens=True))
+        answer = tool_tokens(policy.tokenizer, observation, eot)
+        if done or turn + 1 == max_turns or len(ids) + len(answer) >= params.max_tokens:
+            break
+        ids += answer
+    return ids
+
+
+def test_greedy_multiturn_follows_a_turn_by_turn_generate_reference(policy):
+    params = SamplingParams(max_tokens=48, temperature=0, stop_token_ids=STOPS)
+    prompts, convs, eot = converse(policy, Echo, params, max_turns=4)
+    policy.model.eval()
+    with torch.no_grad():
+        theirs = [reference_turns(policy, Echo(), p, params, 4, eot) for p in prompts]
+    assert max(c.turns for c in convs) >= 2
+    agreed = greedy_partings(policy.model, prompts, [[Completion(c.token_ids, [], "stop")] for c in convs],
+                             [[Completion(t, [], "stop")] for t in theirs], TIE)
+    assert sum(agreed) >= sum(len(t) for t in theirs) // 2  # partings are rare near-ties, not the rule
+
+
+def test_an_environment_that_fails_ends_its_conversation_and_the_others_go_on(policy):
+    engine = NativeEngine(policy.model, policy.tokenizer)
+    _, prompts = open_conversations(ROWS[:1], 4, Echo, policy.tokenizer, 5.0, 512)
+    envs = [Echo(), RaisesInStep(), HangsInStep(), MalformedStep()]
+    eot = eos_token_ids(unwrap(policy.model), policy.tokenizer)
+    params = SamplingParams(max_tokens=40, temperature=1.0, seed=5, stop_token_ids=STOPS)
+    start = time.perf_counter()
+    convs = run_turns(engine.generate, policy.tokenizer, envs, prompts, params, 3, 0.5, eot)
+    assert time.perf_counter() - start < 3.0  # the hanging step was left behind, not waited for
+    assert convs[0].error is None and convs[0].tool_calls >= 1
+    assert convs[1].error == "environment step 1: raised KeyError: 'no such tool'"
+    assert convs[2].error == "environment step 1: timed out after 0.5 s (rollout.environment_timeout_s)"
+    assert convs[3].error.startswith("environment step 1: step() must return (observation or None, reward or None")
+    for c in convs[1:]:
+        assert c.turns == 1 and c.tool_calls == 0 and sum(c.mask) == len(c.token_ids)
+
+
+def test_environments_that_cannot_open_a_conversation_stop_with_one_message(policy, tmp_path):
+    with pytest.raises(EnvironmentSetupError, match=r"reset\(\) on row 0 raised ValueError: row has no question"):
+        open_conversations(ROWS, 2, RaisesInReset, policy.tokenizer, 5.0, 512)
+    with pytest.raises(EnvironmentSetupError, match="opened row 0 differently for two of its 2 completions"):
+        open_conversations(ROWS, 2, OpensDifferently, policy.tokenizer, 5.0, 512)
+    with pytest.raises(EnvironmentSetupError, match="more than rollout.max_prompt_tokens = 4"):
+        open_conversations(ROWS, 2, Echo, policy.tokenizer, 5.0, 4)
+
+
+def test_load_environment_forms_and_mistakes(tmp_path):
+    assert load_environment("rollout.tools:Calculator") is Calculator
+    assert load_environment("tests/environments.py:Echo")().step("abc") == ("seen 3 characters", 0.5, False)
+    with pytest.raises(EnvironmentSetupError, match="has no class 'Calculater'.*did you mean 'Calculator'"):
+        load_environment("rollout.tools:Calculater")
+    with pytest.raises(EnvironmentSetupError, match="does not exist"):
+        load_environment(f"{tmp_path}/none.py:Env")
+    with pytest.raises(EnvironmentSetupError, match="use pkg.module:Class"):
+        load_environment("Calculator")
+
+
+def test_the_calculator_computes_arithmetic_and_nothing_else():
+    assert calculate("12 * (3 + 4)") == "84"
+    assert calculate("7 / 2") == "3.5" and calculate("-2 ** 3") == "-8" and calculate("17 % 5") == "2"
+    assert calculate("2 ** 60") == str(2**60) and calculate("6 / 3") == "2"
+    assert calculate("1 / 0") == "error: division by zero"
+    assert calculate("9 ** 9 ** 9") == "error: exponent larger than 64"
+    assert calculate("((10 ** 64) ** 64) ** 64") == "error: a number larger than 2 ** 4096"  # refused, not computed
+    assert calculate("__import__('os').getcwd()").startswith("error: only numbers")
+    assert calculate("2 +") == "error: not an arithmetic expression"
+    env = Calculator()
+    opening = env.reset({"prompt": "What is 6 * 7?"})
+    assert [m["role"] for m in opening] == ["system", "user"] and opening[1]["content"] == "What is 6 * 7?"
+    assert env.step("Let me see. <calculator>6 * 7</calculator>") == ("42", None, False)
+    assert env.step("<calculator>1+1</calculator> then <calculator>2*3</calculator>") == ("6", None, False)
+    assert env.step("The answer is 42.") == (None, None, True)
+
+
+def test_a_multiturn_grpo_run_records_turns_and_trains(tmp_path):
+    cfg = run_config(tmp_path, rollout={"environment": "tests/environments.py:Echo", "max_turns": 3,
+                                        "max_tokens": 24, "stop_token_ids": list(range(1000, 20000))},
+                     tracking={"progress": False, "report": False, "log_completions_every": 1})
+    trainer = GRPOTrainer(cfg)
+    trainer.train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["env/turns"] > 1 and r["env/tool_calls"] > 0 for r in rows)
+    assert all(r["env/errors"] == 0 and r["grad_norm"] > 0 for r in rows)
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["turns"] >= 1 and "tool_calls" in s and s["environment_error"] is None for s in samples)
+    assert any("seen " in s["completion"] for s in samples)  # the environment's answers are in the text scored
+
+
+def test_the_turns_column_reaches_the_reward_functions(tmp_path):
+    cfg = run_config(tmp_path, rollout={"environment": "tests/environments.py:Echo", "max_turns": 2,
+                                        "max_tokens": 24, "stop_token_ids": list(range(1000, 20000))},
+                     rewards={"functions": ["tests/reward_fns.py:turn_rewards"]},
+                     train={"max_steps": 1})
+    trainer = GRPOTrainer(cfg)
+    batch = trainer.rollout(trainer.take(2), 1)
+    rewards, _ = trainer.score(batch)
+    expected = [sum(t["reward"] for t in turns) for turns in batch["turns"]]
+    assert rewards.tolist() == pytest.approx(expected) and max(expected) > 0
