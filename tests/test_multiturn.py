@@ -18,7 +18,8 @@ from rollout import NativeEngine, SamplingParams
 from rollout.engine import Completion
 from rollout.environment import EnvironmentSetupError, load_environment, open_conversations, run_turns, tool_tokens
 from rollout.native import eos_token_ids
-from rollout.tools import Calculator, calculate
+from rollout.tools import Calculator, PythonTool, calculate
+from rewards.sandbox import sandbox_unavailable
 from tests.environments import Echo, HangsInStep, MalformedStep, OpensDifferently, RaisesInReset, RaisesInStep
 from tests.helpers import greedy_partings, run_config, tiny_policy
 
@@ -195,3 +196,15 @@ def test_the_turns_column_reaches_the_reward_functions(tmp_path):
     rewards, _ = trainer.score(batch)
     expected = [sum(t["reward"] for t in turns) for turns in batch["turns"]]
     assert rewards.tolist() == pytest.approx(expected) and max(expected) > 0
+
+
+@pytest.mark.skipif(sandbox_unavailable() is not None, reason=f"the Python tool's sandbox: {sandbox_unavailable()}")
+def test_the_python_tool_runs_code_in_the_sandbox_and_reports_errors():
+    tool = PythonTool()
+    tool.wall_s = 2.0
+    assert tool.step("I will compute. <python>print(6 * 7)</python>") == ("42", None, False)
+    assert tool.step("<python>1 / 0</python>") == ("error: ZeroDivisionError: division by zero", None, False)
+    assert tool.step("<python>import socket; socket.create_connection(('1.1.1.1', 53), timeout=1)</python>")[0] \
+        .startswith("error: ")  # no network in the sandbox
+    assert tool.step("<python>while True: pass</python>") == ("error: timed out after 2 s", None, False)
+    assert tool.step("The answer is 42.") == (None, None, True)
