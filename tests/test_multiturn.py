@@ -208,3 +208,14 @@ def test_the_python_tool_runs_code_in_the_sandbox_and_reports_errors():
         .startswith("error: ")  # no network in the sandbox
     assert tool.step("<python>while True: pass</python>") == ("error: timed out after 2 s", None, False)
     assert tool.step("The answer is 42.") == (None, None, True)
+
+
+def test_config_mistakes_about_environments_are_one_message_each(tmp_path):
+    from rl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="rollout.environment is 'Calculator'; use pkg.module:Class"):
+        run_config(tmp_path, rollout={"environment": "Calculator"})
+    with pytest.raises(ConfigError, match="rollout.max_turns is 0"):
+        run_config(tmp_path, rollout={"environment": "rollout.tools:Calculator", "max_turns": 0})
+    with pytest.raises(ConfigError, match="eval.every with rollout.environment"):
+        run_config(tmp_path, rollout={"environment": "rollout.tools:Calculator"}, eval={"every": 5})
