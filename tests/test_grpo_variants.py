@@ -36,6 +36,10 @@ def test_reinforce_pp_normalizes_group_centred_rewards_over_the_batch():
         torch.testing.assert_close(group_advantages(rewards, 2, scale, estimator="reinforce_pp"), expected)
     with pytest.raises(ValueError, match="estimator"):
         group_advantages(rewards, 2, estimator="ppo")
+    # two rewards in all (one group of 2): still normalized, to +-1/sqrt(2); one reward alone has no spread: 0
+    two = group_advantages(torch.tensor([1.0, 0.0]), 2, estimator="reinforce_pp")
+    torch.testing.assert_close(two, torch.tensor([0.5, -0.5]) / (math.sqrt(0.5) + 1e-4))
+    assert group_advantages(torch.tensor([3.0]), 1, estimator="reinforce_pp").tolist() == [0.0]
 
 
 def test_rewards_normalized_per_function_within_each_group():
@@ -51,6 +55,10 @@ def test_rewards_normalized_per_function_within_each_group():
     # group 2, function 0: two values, both 5: centred 0; the None stays None
     assert out[3, 0] == 0 and out[5, 0] == 0 and math.isnan(out[4, 0])
     torch.testing.assert_close(out[3:, 1], torch.tensor([-2 / 3, 1 / 3, 1 / 3]) / (s + 1e-4))
+    # two different values among Nones: their own mean and unbiased std (n - 1 = 1), the Nones left out of both
+    sparse = normalize_per_function(torch.tensor([[1.0], [math.nan], [3.0], [math.nan]]), 4)
+    torch.testing.assert_close(sparse[[0, 2], 0], torch.tensor([-1.0, 1.0]) / (math.sqrt(2) + 1e-4))
+    assert math.isnan(sparse[1, 0]) and math.isnan(sparse[3, 0])
     # a function with a single value in a group gives 0 there
     single = normalize_per_function(torch.tensor([[1.0], [math.nan]]), 2)
     assert single[0, 0] == 0 and math.isnan(single[1, 0])
