@@ -68,10 +68,13 @@ def _run_one_step(tmp_path, grpo: dict, rollout: dict, perturb_lora: bool):
     return trainer, cfg, seen
 
 
-def _sequence_logps(model, prompt: list[int], completion: list[int], temperature: float) -> torch.Tensor:
+def _sequence_logps(model, prompt: list[int], completion: list[int], temperature: float):
+    """-> each completion token's log-probability and the policy's entropy there (T,), (T,), at `temperature`."""
     ids = torch.tensor([prompt + completion])
     logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].float() / temperature  # (T, V)
-    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(completion)[:, None]).squeeze(-1)  # (T,)
+    logp_all = torch.log_softmax(logits, -1)
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return logp_all.gather(-1, torch.tensor(completion)[:, None]).squeeze(-1), entropy
 
 
 def _hand_advantages(batch, g: int) -> torch.Tensor:
@@ -84,32 +87,47 @@ def _reference_loss(trainer, cfg, batch, advantages) -> tuple[torch.Tensor, list
     grpo, t = cfg.grpo, cfg.rollout.temperature
     model = trainer.model
     model.train()
-    terms, masks, all_logps = [], [], []
+    policy_terms, entropies, masks, all_logps = [], [], [], []
     for i, (p, c) in enumerate(zip(batch["prompt_ids"], batch["completion_ids"])):
-        logps = _sequence_logps(model, p, c, t)
+        logps, entropy = _sequence_logps(model, p, c, t)
         all_logps.append(logps.detach())
         log_ratio = logps - logps.detach()  # one iteration: old_logps are the detached current ones
         if grpo.loss_type == "gspo":
             log_ratio = log_ratio.mean().expand_as(logps)
-        per_token = -advantages[i] * torch.exp(log_ratio)  # inside the clip range: the ratio is 1
-        if grpo.beta > 0:
-            with torch.no_grad(), model.disable_adapter():
-                ref = _sequence_logps(model, p, c, t)
-            per_token = per_token + grpo.beta * (torch.exp(ref - logps) - (ref - logps) - 1)
+        if grpo.loss_type == "cispo":  # the importance weight (1 here, under its cap) detached, times the log-prob
+            weight = torch.exp(log_ratio).clamp(max=1 + (grpo.epsilon_high or grpo.epsilon)).detach()
+            policy_terms.append(-advantages[i] * weight * logps)
+        else:
+            policy_terms.append(-advantages[i] * torch.exp(log_ratio))  # inside the clip range: the ratio is 1
+        entropies.append(entropy)
         dropped = grpo.mask_truncated_completions and bool(batch["truncated"][i])
+        masks.append(torch.zeros_like(logps) if dropped else torch.ones_like(logps))
+    n = len(policy_terms)
+    parts = [slice(i, min(i + MICRO_BATCH, n)) for i in range(0, n, MICRO_BATCH)]
+    if grpo.top_entropy_quantile < 1:  # the policy term on each micro-batch's highest-entropy real tokens only
+        for part in parts:
+            real = torch.cat([e.detach()[m.bool()] for e, m in zip(entropies[part], masks[part])])
+            threshold = torch.quantile(real, 1 - grpo.top_entropy_quantile)
+            for j in range(part.start, part.stop):
+                policy_terms[j] = policy_terms[j] * (entropies[j].detach() >= threshold)
+    terms = []
+    for i, (p, c) in enumerate(zip(batch["prompt_ids"], batch["completion_ids"])):
+        per_token = policy_terms[i] - grpo.entropy_coef * entropies[i]  # the bonus on every token
+        if grpo.beta > 0:
+            logps = _sequence_logps(model, p, c, t)[0]
+            with torch.no_grad(), model.disable_adapter():
+                ref = _sequence_logps(model, p, c, t)[0]
+            per_token = per_token + grpo.beta * (torch.exp(ref - logps) - (ref - logps) - 1)
         terms.append(per_token)
-        masks.append(torch.zeros_like(per_token) if dropped else torch.ones_like(per_token))
-    n = len(terms)
     sums = torch.stack([(term * m).sum() for term, m in zip(terms, masks)])  # (N,)
     counts = torch.stack([m.sum() for m in masks])  # (N,)
     if grpo.loss_type in ("grpo", "gspo"):
         loss = (sums / counts.clamp(min=1)).mean()
-    elif grpo.loss_type == "dapo":
+    elif grpo.loss_type in ("dapo", "cispo"):
         loss = sums.sum() / counts.sum().clamp(min=1)
     elif grpo.loss_type == "dr_grpo":
         loss = sums.sum() / (n * cfg.rollout.max_tokens)
     else:  # bnpo: each micro-batch's token mean, averaged over the micro-batches (TRL's accumulation)
-        parts = [slice(i, min(i + MICRO_BATCH, n)) for i in range(0, n, MICRO_BATCH)]
         loss = sum(sums[s].sum() / counts[s].sum().clamp(min=1) for s in parts) / len(parts)
     return loss, all_logps
 
@@ -121,6 +139,9 @@ CASES = {
     "bnpo": ({"loss_type": "bnpo"}, {}, False),
     "gspo at temperature 1.3": ({"loss_type": "gspo"}, {"temperature": 1.3}, False),
     "grpo with a KL term": ({"loss_type": "grpo", "beta": 0.1}, {}, True),
+    "cispo": ({"loss_type": "cispo"}, {}, False),
+    "dapo, entropy bonus, top 20% of tokens": ({"loss_type": "dapo", "entropy_coef": 0.1,
+                                                "top_entropy_quantile": 0.2}, {}, False),
 }
 
 
