@@ -92,6 +92,9 @@ class GRPOTrainer(TrainerBase):
         self.stream = PromptStream(len(self.dataset), cfg.train.seed, cfg.data.shuffle)
         self.rewards = reward_runner(cfg)
         self.environment = load_environment(cfg.rollout.environment) if cfg.rollout.environment else None
+        if self.environment is not None:  # an environment that cannot open a conversation fails at start-up
+            open_conversations([self.dataset[0]], 1, self.environment, self.tokenizer,
+                               cfg.rollout.environment_timeout_s, cfg.rollout.max_prompt_tokens)
         self._preflight_rewards()
         if eval_dataset is not None:
             self.evaluation = Evaluation(cfg, eval_dataset, self.tokenizer, self.rewards,

@@ -219,3 +219,10 @@ def test_config_mistakes_about_environments_are_one_message_each(tmp_path):
         run_config(tmp_path, rollout={"environment": "rollout.tools:Calculator", "max_turns": 0})
     with pytest.raises(ConfigError, match="eval.every with rollout.environment"):
         run_config(tmp_path, rollout={"environment": "rollout.tools:Calculator"}, eval={"every": 5})
+
+
+def test_an_environment_that_cannot_open_stops_the_run_at_start_up(tmp_path):
+    cfg = run_config(tmp_path, rollout={"environment": "tests/environments.py:RaisesInReset"})
+    with pytest.raises(EnvironmentSetupError, match="reset\\(\\) on row 0 raised ValueError: row has no question"):
+        GRPOTrainer(cfg)
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
