@@ -1,7 +1,8 @@
 """Multi-turn rollouts: the model writes a turn, an environment answers, the model goes on.
 
     env_cls = load_environment("rollout.tools:Calculator")          # or "pkg.mod:Class", "path/file.py:Class"
-    convs = run_turns(engine, tokenizer, rows, env_cls, params, max_turns=4, timeout_s=10.0)
+    envs, prompts = open_conversations(rows, num_generations, env_cls, tokenizer, timeout_s, max_prompt_tokens)
+    convs = run_turns(engine.generate, tokenizer, envs, prompts, params, max_turns, timeout_s, eos_ids)
 
 One environment instance per completion (the Environment protocol below, as in DESIGN.md). The turn loop is
 token-in, token-out and shared by both engines: a conversation is a list of token ids that only grows. The
@@ -52,7 +53,7 @@ class Conversation:
     token_ids: list[int] = field(default_factory=list)  # everything after the prompt, both sides
     mask: list[int] = field(default_factory=list)  # 1 = the model's token, 0 = the environment's
     logprobs: list[float] = field(default_factory=list)  # sampling log-probs; 0.0 on the environment's tokens
-    # one entry per model turn the environment answered: {completion, observation, reward} (the `turns` column)
+    # one entry per model turn the environment stepped on: {completion, observation, reward} (the `turns` column)
     history: list[dict] = field(default_factory=list)
     turns: int = 0  # model turns
     tool_calls: int = 0  # environment answers appended

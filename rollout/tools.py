@@ -65,6 +65,8 @@ def _value(node):
         if isinstance(node.op, ast.Pow) and isinstance(left, int) and left.bit_length() * abs(right) > MAX_BITS:
             raise ValueError(f"a number larger than 2 ** {MAX_BITS}")
         value = _OPS[type(node.op)](left, right)
+        if isinstance(value, complex):  # a negative number to a fractional power
+            raise ValueError("the result is not a real number")
         if isinstance(value, int) and value.bit_length() > MAX_BITS:
             raise ValueError(f"a number larger than 2 ** {MAX_BITS}")
         return value

@@ -164,6 +164,7 @@ def test_the_calculator_computes_arithmetic_and_nothing_else():
     assert calculate("((10 ** 64) ** 64) ** 64") == "error: a number larger than 2 ** 4096"  # refused, not computed
     assert calculate("__import__('os').getcwd()").startswith("error: only numbers")
     assert calculate("2 +") == "error: not an arithmetic expression"
+    assert calculate("(-8) ** (1 / 3)") == "error: the result is not a real number"
     env = Calculator()
     opening = env.reset({"prompt": "What is 6 * 7?"})
     assert [m["role"] for m in opening] == ["system", "user"] and opening[1]["content"] == "What is 6 * 7?"
