@@ -61,10 +61,6 @@ class Conversation:
     error: str | None = None  # why the environment ended the conversation early, if it did
     done: bool = False
 
-    def completion(self) -> Completion:
-        return Completion(token_ids=list(self.token_ids), logprobs=list(self.logprobs),
-                          finish_reason="length" if self.finish_reason == "length" else "stop")
-
 
 def load_environment(spec: str) -> type:
     """An environment class from `pkg.module:Class` or `path/to/file.py:Class` (a built-in: rollout.tools)."""
@@ -193,8 +189,6 @@ def run_turns(generate, tokenizer, envs: list, prompts: list[list[int]], params:
                 out = Completion(out.token_ids[:room[i]], out.logprobs[:room[i]], "length")
             _model_turn(convs[i], envs[i], out, tokenizer, params.max_tokens, turn + 1 == max_turns, timeout_s,
                         end_of_turn_ids)
-    for c in convs:
-        c.done = True
     return convs
 
 
