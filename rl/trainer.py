@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import nullcontext
 
 import torch
 
@@ -168,6 +169,13 @@ class GRPOTrainer(TrainerBase):
             self.tracker.log_histogram(step, "reward/histogram", distributed.gather(batch["rewards"]))
         return metrics
 
+    def _max_model_len(self) -> int:
+        """The longest sequence a rollout holds. A multi-turn rollout's native engine goes on from each
+        conversation's KV cache with every row's next turn after the longest row (rollout/native.py): twice
+        max_tokens leaves room for the row with the most written and the row with the most room left."""
+        rc = self.cfg.rollout
+        return rc.max_prompt_tokens + rc.max_tokens * (2 if rc.environment else 1)
+
     def _make_engine(self):
         cfg = self.cfg
         model_dir = None
@@ -177,7 +185,7 @@ class GRPOTrainer(TrainerBase):
             self._check_vllm_share()
         model = self.replica if self.sharded else self.model
         return make_engine(kind, model, self.tokenizer, model_dir=model_dir, lora_rank=cfg.lora.r,
-                           max_model_len=cfg.rollout.max_prompt_tokens + cfg.rollout.max_tokens,
+                           max_model_len=self._max_model_len(),
                            kv_cache_gb=cfg.rollout.vllm_kv_cache_gb,
                            gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
                            share_weights=cfg.rollout.vllm_share_weights, seed=cfg.train.seed,
@@ -228,9 +236,11 @@ class GRPOTrainer(TrainerBase):
         envs, prompts = open_conversations([self.dataset[r] for r in rows], g, self.environment, self.tokenizer,
                                            rc.environment_timeout_s, rc.max_prompt_tokens)
         offset = self.rank * len(prompts)  # each conversation is its own prompt (n = 1)
-        convs = run_turns(lambda ids, p: self.memory.generate(self.engine, ids, p, prompt_offset=offset),
-                          self.tokenizer, envs, prompts, params, rc.max_turns, rc.environment_timeout_s,
-                          eos_token_ids(unwrap(self.policy.model), self.tokenizer))
+        # the native engine goes on from each conversation's KV cache; vLLM prefills the conversation again
+        with getattr(self.engine, "conversations", nullcontext)():
+            convs = run_turns(lambda ids, p: self.memory.generate(self.engine, ids, p, prompt_offset=offset),
+                              self.tokenizer, envs, prompts, params, rc.max_turns, rc.environment_timeout_s,
+                              eos_token_ids(unwrap(self.policy.model), self.tokenizer))
         for c in convs:
             if c.error:
                 log.warning("rollout: %s (that conversation ends there; samples.jsonl records it)", c.error)

@@ -90,13 +90,18 @@ class DecodeState:
         lengths[out_row] = self.kept[:batch]
         stopped[out_row] = self.finished[:batch]
 
-    def compact(self, live: torch.Tensor, out_row: torch.Tensor, scratch: int) -> torch.Tensor:
+    def compact(self, live: torch.Tensor, out_row: torch.Tensor, scratch: int, keep_rows: bool = False):
         """Live rows to the front of every buffer, placeholders after them up to the next power of two;
-        -> the new output row of each batch row."""
-        k = live.numel()
+        -> (the new output row of each batch row, the move: old row of each new row 0..m-1). keep_rows: the
+        finished rows are moved behind the live ones, not overwritten (their KV cache is kept for a next turn)."""
+        k, old = live.numel(), out_row.numel()
         batch = 1 << max(0, k - 1).bit_length()
-        self.cache.select_rows(live)
+        move = live
+        if keep_rows:
+            finished = torch.ones(old, dtype=torch.bool, device=live.device).index_fill_(0, live, False)
+            move = torch.cat([live, finished.nonzero().squeeze(1)])
+        self.cache.select_rows(move)
         for buf in (self.tok, self.pos, self.finished, self.kept, self.hist_tok, self.hist_lp):
-            buf[:k] = buf.index_select(0, live)
+            buf[:move.numel()] = buf.index_select(0, move)
         self.finished[k:batch] = True
-        return torch.cat([out_row[live], out_row.new_full((batch - k,), scratch)])
+        return torch.cat([out_row[live], out_row.new_full((batch - k,), scratch)]), move

@@ -56,6 +56,18 @@ class KVCache:
         for buf in (*self.keys, *self.values, self.valid):
             buf[:k] = buf.index_select(0, keep)
 
+    def pack(self, rows: int) -> int:
+        """Rows 0..rows-1's valid slots moved to the front of each row, in their order (a token's K holds its
+        position already, rotated in: the slot it sits in does not matter) -> the first slot no row uses."""
+        valid = self.valid[:rows]
+        order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices  # valid slots first
+        for buf in (*self.keys, *self.values):
+            index = order[:, None, :, None].expand(rows, buf.shape[1], buf.shape[2], buf.shape[3])
+            buf[:rows] = buf[:rows].gather(2, index)
+        counts = valid.sum(1)
+        self.valid[:rows] = torch.arange(self.length, device=valid.device)[None, :] < counts[:, None]
+        return int(counts.max())
+
 
 class Decoder:
     def __init__(self, lm):
@@ -113,19 +125,28 @@ class Decoder:
 
     # ------------------------------------------------------------------ the two entry points
 
-    def prefill(self, cache: KVCache, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """ids, mask (P, W), left-padded, into cache rows 0..P-1, slots 0..W-1 -> last logits (P, V)."""
+    def prefill(self, cache: KVCache, ids: torch.Tensor, mask: torch.Tensor, start: int = 0,
+                first_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """ids, mask (P, W), left-padded, into cache rows 0..P-1, slots start..start+W-1 -> last logits (P, V).
+        start > 0 extends conversations already in the cache (a multi-turn rollout's next turn): the new tokens
+        attend to every valid slot before `start` in their row, and `first_positions` (P,) is the position
+        of each row's first real new token (the tokens it already has)."""
         p, w = ids.shape
         mask = mask.bool()
         positions = positions_from_mask(mask.long())
+        if first_positions is not None:
+            positions = positions + first_positions[:, None]
         causal = torch.ones((w, w), dtype=torch.bool, device=ids.device).tril()
         attend = causal[None] & mask[:, None, :]  # (P, W queries, W keys)
         if self.window is not None:
             attend &= ~torch.ones((w, w), dtype=torch.bool, device=ids.device).tril(-self.window)[None]
         attend |= torch.eye(w, dtype=torch.bool, device=ids.device)[None]  # a pad query sees itself: no NaN rows
-        cache.valid[:p, :w] = mask
-        slots = torch.arange(w, device=ids.device)
-        return self._head(*self._layers(cache, self.body.embed_tokens(ids), positions, slots, attend[:, None], p, w))
+        if start:  # what the rows hold already, for every query (a pad query's output is never read)
+            attend = torch.cat([cache.valid[:p, None, :start].expand(p, w, start), attend], dim=2)
+        cache.valid[:p, start:start + w] = mask
+        slots = torch.arange(start, start + w, device=ids.device)
+        return self._head(*self._layers(cache, self.body.embed_tokens(ids), positions, slots, attend[:, None], p,
+                                        start + w))
 
     def decode(self, cache: KVCache, tokens: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor,
                length: int) -> torch.Tensor:

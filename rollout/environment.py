@@ -17,9 +17,10 @@ something malformed or takes longer than `timeout_s` ends its conversation with 
 (`Conversation.error`); the other conversations and the run go on.
 
 Each turn is one call of `engine.generate` on the conversations still running, each conversation whole as its
-prompt: both engines prefill it again each turn (the native engine keeping the KV cache across turns is not
-built yet). Sampling noise: each conversation is its own prompt (n = 1), and both engines draw distinct noise
-for distinct prompts of one call; the seed changes with the turn.
+prompt. Inside `with engine.conversations():` the native engine recognizes the conversations it generated the
+last turn of and prefills only what is new, going on from their KV cache (rollout/native.py); vLLM prefills
+each conversation again. Sampling noise: each conversation is its own prompt (n = 1), and both engines draw
+distinct noise for distinct prompts of one call; the seed changes with the turn.
 """
 
 from __future__ import annotations

@@ -14,11 +14,21 @@ is captured once in a CUDA graph and replayed, so a step costs the GPU's time, n
 on the device with no host synchronization per token; every `check_every` steps the host looks at how many
 rows are still running, stops when none are, and moves the live rows into a smaller batch bucket when at
 most half of the current one is live. Other architectures run HF's forward with a dynamic cache.
+
+A multi-turn rollout (rollout/environment.py) runs inside `with engine.conversations():`. There a prompt that
+extends a conversation the engine generated the previous turn of (its tokens so far, then the environment's
+answer) goes on from the KV cache that conversation already has: each row's cached tokens are packed to the
+front of the row (a token's K holds its position, rotated in, so its slot does not matter) and only the last
+generated token and the answer are prefilled, after the longest row (shorter rows keep a hole that the valid
+mask hides; positions count real tokens). It prefills whole conversations instead when the cache is too
+short for the turn, when the rollout ran in waves (each wave reuses the cache), and for the dynamic-cache path
+and sliding windows.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 
 import torch
 from transformers import DynamicCache
@@ -79,6 +89,18 @@ class NativeEngine:
         self._packed_ok = read_4bit
         self._merged_ok = True  # until a build says these layers cannot be merged
         self._said_no_room = False
+        # in conversations(): the tokens of the conversation each cache row holds (None: none)
+        self._turns: list | None = None
+        self.prefilled_tokens = 0  # token positions prefilled, padding included: what continuing saves
+
+    @contextmanager
+    def conversations(self):
+        """Within it, generate() continues the conversations it generated the last turn of (module docstring)."""
+        self._turns = []
+        try:
+            yield self
+        finally:
+            self._turns = None
 
     @property
     def device(self) -> torch.device:
@@ -213,13 +235,23 @@ class NativeEngine:
 
     def _generate_static(self, prompts: list[list[int]], params: SamplingParams):
         dec, n, dev = self.decoder, params.n, self.device
-        ids, mask = self._left_padded(prompts)
-        width, rows = ids.shape[1], len(prompts) * n
+        rows = len(prompts) * n
         batch = _bucket(rows)
-        st = self._state_for(batch, max(width + params.max_tokens, self.max_length or 0), dec.vocab_size)
+        conversing = self._turns is not None and n == 1
+        resumed = self._resumable(prompts, params, batch) if conversing else None
+        if conversing:
+            self._turns = []  # written again at the end: a failed turn leaves nothing to continue
+        if resumed is not None:
+            st = self.state
+            logits, positions, width = self._continue(st, prompts, resumed)
+        else:
+            ids, mask = self._left_padded(prompts)
+            width = ids.shape[1]
+            st = self._state_for(batch, max(width + params.max_tokens, self.max_length or 0), dec.vocab_size)
+            logits = dec.prefill(st.cache, ids, mask)
+            self.prefilled_tokens += ids.numel()
+            positions = mask.sum(-1)  # the next token's position in each prompt
         cache = st.cache
-        logits = dec.prefill(cache, ids, mask)
-        positions = mask.sum(-1)  # the next token's position in each prompt
         if n > 1:  # the prompt's KV is computed once and copied to its n samples
             for buf in (*cache.keys, *cache.values):
                 buf[:rows, :, :width] = buf[:len(prompts), :, :width].repeat_interleave(n, 0)
@@ -229,6 +261,7 @@ class NativeEngine:
         # output row (index `rows`)
         st.start(batch, rows, positions, width, params.max_tokens)
         out_row = torch.cat([torch.arange(rows, device=dev), torch.full((batch - rows,), rows, device=dev)])
+        home = torch.arange(st.rows, device=dev)  # conversing: the output row each cache row holds (>= rows: none)
         out = (torch.full((rows + 1, params.max_tokens), self.pad_id, dtype=torch.long, device=dev),
                torch.zeros((rows + 1, params.max_tokens), dtype=torch.float32, device=dev),
                torch.full((rows + 1,), params.max_tokens, dtype=torch.long, device=dev),
@@ -252,14 +285,72 @@ class NativeEngine:
                     break
                 if live.numel() <= batch // 2:
                     st.flush(batch, out_row, out, params.max_tokens)  # rows about to leave keep their tokens
-                    out_row = st.compact(live, out_row, rows)
+                    out_row, move = st.compact(live, out_row, rows, keep_rows=conversing)
+                    home[:move.numel()] = home[move]
                     batch = out_row.numel()
             slot = width + t - 1  # where token t-1's K and V go
             length = min(st.length, -(-(slot + 1) // self.length_bucket) * self.length_bucket)
             self._draw_noise(st, batch, params, generator)
             self._step(st, batch, length, params, (module_state, stop_ids), stop_t)
         st.flush(batch, out_row, out, params.max_tokens)
-        return tuple(x[:rows].cpu() for x in out)
+        result = tuple(x[:rows].cpu() for x in out)
+        if conversing:
+            self._keep_turn(st, prompts, result, home, width)
+        return result
+
+    def _resumable(self, prompts: list[list[int]], params: SamplingParams, batch: int) -> list[tuple] | None:
+        """For each prompt, (the cache row of the conversation it extends, the tokens of it cached); None
+        unless every prompt extends one and the cache has room for this turn after its last written slot."""
+        st, turns = self.state, self._turns
+        if st is None or not turns or self.decoder.window is not None or batch > st.rows:
+            return None
+        rows_of: dict[tuple, list[int]] = {}  # a conversation's tokens -> its rows (G greedy ones may be alike)
+        for row, seq in enumerate(turns):
+            if seq is not None:
+                rows_of.setdefault(tuple(seq), []).append(row)
+        lengths = sorted({len(seq) for seq in rows_of}, reverse=True)
+        found = []
+        for p in prompts:
+            match = next((rows_of[key] for k in lengths if k <= len(p) and rows_of.get(key := tuple(p[:k]))), None)
+            if match is None:
+                return None
+            row = match.pop()
+            found.append((row, len(turns[row]) - 1))  # its last token's K/V: not written yet
+        width = max(len(p) - cached for p, (_, cached) in zip(prompts, found))  # the new tokens, padded
+        return found if max(c for _, c in found) + width + params.max_tokens <= st.length else None
+
+    def _continue(self, st: DecodeState, prompts: list[list[int]], found: list[tuple]):
+        """The conversations to cache rows 0..P-1 (the prompts' order) and packed, their new tokens prefilled
+        after the longest -> (last logits, next positions, first slot after the new tokens)."""
+        dev = self.device
+        target = torch.tensor([row for row, _ in found], device=dev)
+        others = torch.ones(st.rows, dtype=torch.bool, device=dev).index_fill_(0, target, False)
+        st.cache.select_rows(torch.cat([target, others.nonzero().squeeze(1)]))  # moved, nothing overwritten
+        start = st.cache.pack(len(prompts))
+        ids, mask = self._left_padded([p[cached:] for p, (_, cached) in zip(prompts, found)])
+        cached = torch.tensor([cached for _, cached in found], device=dev)
+        logits = self.decoder.prefill(st.cache, ids, mask, start=start, first_positions=cached)
+        self.prefilled_tokens += ids.numel()
+        return logits, cached + mask.sum(-1), start + ids.shape[1]
+
+    def _keep_turn(self, st: DecodeState, prompts: list[list[int]], result, home: torch.Tensor, width: int):
+        """After a turn: which cache row holds each conversation and its tokens; the slots a row wrote after
+        its last kept token (it went on decoding in the batch after it stopped) marked empty."""
+        tokens, _, lengths, _ = result
+        rows = len(prompts)
+        where = torch.empty(rows, dtype=torch.long)
+        held = home.cpu()
+        for row, o in enumerate(held.tolist()):
+            if o < rows:
+                where[o] = row
+        cut = width + lengths - 1  # the last kept token's slot: its K/V is written with the next turn's tokens
+        keep = torch.arange(st.length)[None, :] < cut[:, None]
+        index = where.to(self.device)
+        st.cache.valid.index_copy_(0, index, st.cache.valid.index_select(0, index) & keep.to(self.device))
+        seqs: list[list[int] | None] = [None] * st.rows
+        for o, row in enumerate(where.tolist()):
+            seqs[row] = prompts[o] + tokens[o, :int(lengths[o])].tolist()
+        self._turns = seqs
 
     def _draw_noise(self, st, batch, params, generator):
         if params.temperature > 0:  # drawn outside the graph: the generator's state advances on the host

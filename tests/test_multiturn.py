@@ -8,6 +8,7 @@ never token for token across batch shapes.
 
 import json
 import time
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -36,18 +37,24 @@ def policy():
     return tiny_policy("tiny")
 
 
-def converse(policy, env_cls, params, max_turns=3, timeout_s=5.0, calls=None, rows=ROWS, g=2):
-    engine = NativeEngine(policy.model, policy.tokenizer)
+def converse(policy, env_cls, params, max_turns=3, timeout_s=5.0, calls=None, rows=ROWS, g=2, continuing=False,
+             max_length=None):
+    """continuing: inside engine.conversations() (each turn goes on from the conversation's KV cache), with a
+    cache of max_length positions (the trainer's: prompt + 2 x max_tokens)."""
+    engine = NativeEngine(policy.model, policy.tokenizer, max_length=max_length)
 
     def generate(ids, p):
+        before = engine.prefilled_tokens
         outs = engine.generate(ids, p)
         if calls is not None:
-            calls.append((ids, outs))
+            calls.append((ids, outs, engine.prefilled_tokens - before))
         return outs
 
     envs, prompts = open_conversations(rows, g, env_cls, policy.tokenizer, timeout_s, 512)
     eot = eos_token_ids(unwrap(policy.model), policy.tokenizer)
-    return prompts, run_turns(generate, policy.tokenizer, envs, prompts, params, max_turns, timeout_s, eot), eot
+    with engine.conversations() if continuing else nullcontext():
+        convs = run_turns(generate, policy.tokenizer, envs, prompts, params, max_turns, timeout_s, eot)
+    return prompts, convs, eot
 
 
 def test_the_mask_covers_exactly_the_models_tokens_and_nothing_is_retokenized(policy):
@@ -58,7 +65,7 @@ def test_the_mask_covers_exactly_the_models_tokens_and_nothing_is_retokenized(po
     for i, conv in enumerate(convs):
         assert len(conv.token_ids) == len(conv.mask) == len(conv.logprobs) <= params.max_tokens
         turns = [(ids[live.index(i)], outs[live.index(i)][0])  # this conversation's (prompt, output) per turn
-                 for t, (ids, outs) in enumerate(calls)
+                 for t, (ids, outs, _) in enumerate(calls)
                  for live in [[k for k, c in enumerate(convs) if c.turns > t]] if i in live]
         assert len(turns) == conv.turns
         model_tokens = 0
@@ -106,9 +113,11 @@ def reference_turns(policy, env, prompt, params, max_turns, eot) -> list[int]:
     return ids
 
 
-def test_greedy_multiturn_follows_a_turn_by_turn_generate_reference(policy):
+@pytest.mark.parametrize("continuing", [False, True], ids=["prefilled-each-turn", "kv-cache-kept"])
+def test_greedy_multiturn_follows_a_turn_by_turn_generate_reference(policy, continuing):
     params = SamplingParams(max_tokens=48, temperature=0, stop_token_ids=STOPS)
-    prompts, convs, eot = converse(policy, Echo, params, max_turns=4)
+    prompts, convs, eot = converse(policy, Echo, params, max_turns=4, continuing=continuing,
+                                   max_length=max(map(len, prompts_of(policy))) + 2 * 48)
     policy.model.eval()
     with torch.no_grad():
         theirs = [reference_turns(policy, Echo(), p, params, 4, eot) for p in prompts]
@@ -116,6 +125,58 @@ def test_greedy_multiturn_follows_a_turn_by_turn_generate_reference(policy):
     agreed = greedy_partings(policy.model, prompts, [[Completion(c.token_ids, [], "stop")] for c in convs],
                              [[Completion(t, [], "stop")] for t in theirs], TIE)
     assert sum(agreed) >= sum(len(t) for t in theirs) // 2  # partings are rare near-ties, not the rule
+
+
+def prompts_of(policy, rows=ROWS):
+    return open_conversations(rows, 1, Echo, policy.tokenizer, 5.0, 512)[1]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_continuing_conversations_prefills_only_what_is_new_and_samples_what_the_trainer_scores(policy, device):
+    """Inside engine.conversations() a turn prefills the last generated token and the environment's answer,
+    not the conversation again, and what it samples is what the trainer scores: the sampling log-probabilities
+    of every model token equal a teacher-forced forward of the whole conversation (fp32). On CUDA the decode
+    steps are CUDA graphs, replayed on rows that were permuted and packed between turns."""
+    if device == "cuda":
+        policy = tiny_policy("tiny")
+        policy.model.to(device)
+    params = SamplingParams(max_tokens=64, temperature=1.0, seed=5, stop_token_ids=LONGER_TURNS)
+    calls = []
+    prompts, convs, _ = converse(policy, Echo, params, max_turns=4, calls=calls, continuing=True,
+                                 max_length=max(map(len, prompts_of(policy))) + 2 * 64)
+    assert len(calls) >= 3
+    seqs = {}  # a conversation's tokens after its last turn -> the tokens that turn left
+    for t, (ids, outs, prefilled) in enumerate(calls):
+        if t == 0:
+            assert prefilled == len(ids) * max(map(len, ids))  # whole prompts, left-padded
+        else:  # each conversation's last generated token and the answer to it, left-padded
+            new = [len(p) - (len(next(s for s in seqs if p[:len(s)] == list(s))) - 1) for p in ids]
+            assert prefilled == len(ids) * max(new) < len(ids) * max(map(len, ids))
+        seqs = {tuple(p + o[0].token_ids): None for p, o in zip(ids, outs)}
+    policy.model.eval()
+    for prompt, conv in zip(prompts, convs):
+        full = torch.tensor([prompt + conv.token_ids], device=device)
+        with torch.no_grad():
+            logits = policy.model(input_ids=full).logits[0, len(prompt) - 1:-1].float().cpu()
+        theirs = logits.log_softmax(-1).gather(-1, torch.tensor(conv.token_ids)[:, None]).squeeze(1)
+        mine, model = torch.tensor(conv.logprobs), torch.tensor(conv.mask, dtype=torch.bool)
+        torch.testing.assert_close(mine[model], theirs[model], rtol=0, atol=1e-4)
+
+
+def test_a_cache_too_short_for_the_next_turn_prefills_the_conversations_again(policy):
+    """Without the extra room (a cache of prompt + max_tokens), a turn that does not fit after the longest row
+    falls back to prefilling whole conversations, and greedy output is what the continuing engine writes."""
+    params = SamplingParams(max_tokens=48, temperature=0, stop_token_ids=STOPS)
+    short, long = [], []
+    prompts, tight, _ = converse(policy, Echo, params, max_turns=4, calls=short, continuing=True)
+    _, roomy, _ = converse(policy, Echo, params, max_turns=4, calls=long, continuing=True,
+                           max_length=max(map(len, prompts)) + 2 * 48)
+    whole = [len(ids) * max(map(len, ids)) for ids, _, _ in short]
+    assert any(p == w for (_, _, p), w in zip(short[1:], whole[1:]))  # some turn was prefilled whole
+    assert sum(p for _, _, p in short) > sum(p for _, _, p in long)
+    agreed = greedy_partings(policy.model, prompts, [[Completion(c.token_ids, [], "stop")] for c in tight],
+                             [[Completion(c.token_ids, [], "stop")] for c in roomy], TIE)
+    assert sum(agreed) >= sum(len(c.token_ids) for c in roomy) // 2
 
 
 def test_an_environment_that_fails_ends_its_conversation_and_the_others_go_on(policy):
@@ -200,6 +261,19 @@ def test_the_turns_column_reaches_the_reward_functions(tmp_path):
 
 
 @pytest.mark.skipif(sandbox_unavailable() is not None, reason=f"the Python tool's sandbox: {sandbox_unavailable()}")
+def test_the_calculator_examples_bonus_pays_for_a_value_and_nothing_else():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("calculator_rewards", "examples/calculator_rewards.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    turns = [[{"completion": "<calculator>2+3</calculator>", "observation": "5", "reward": None}],
+             [{"completion": "<calculator>x</calculator>", "observation": "error: not an arithmetic expression",
+               "reward": None}], []]
+    assert module.calculator_used([""] * 3, [""] * 3, turns=turns) == [0.5, 0.0, 0.0]
+    assert module.calculator_used([""] * 2, [""] * 2) == [0.0, 0.0]  # a single-turn run
+
+
 def test_the_python_tool_runs_code_in_the_sandbox_and_reports_errors():
     tool = PythonTool()
     tool.wall_s = 2.0
