@@ -62,11 +62,11 @@ class DecodeState:
         self.slot.fill_(width)
         self.t.fill_(0)
 
-    def record(self, logits, batch: int, params, stop_ids: torch.Tensor, pad_id: int) -> None:
-        """Sample token t of rows 0..batch-1 from their logits and write it down."""
+    def record(self, logits, batch: int, params, is_stop: torch.Tensor, pad_id: int) -> None:
+        """Sample token t of rows 0..batch-1 from their logits and write it down. is_stop: (vocab,) bool."""
         tok, lp = sample_with_noise(logits, params, self.noise[:batch] if params.temperature > 0 else None)
         finished = self.finished[:batch]
-        newly = ~finished & torch.isin(tok, stop_ids)
+        newly = ~finished & is_stop[tok]
         column = self.t.expand(batch)[:, None]
         self.hist_tok[:batch].scatter_(1, column, torch.where(finished, pad_id, tok)[:, None])
         self.hist_lp[:batch].scatter_(1, column, torch.where(finished, 0.0, lp)[:, None])
@@ -74,13 +74,13 @@ class DecodeState:
         finished |= newly
         self.tok[:batch] = tok
 
-    def advance(self, decoder: Decoder, batch: int, length: int, params, stop_ids, pad_id: int) -> None:
+    def advance(self, decoder: Decoder, batch: int, length: int, params, is_stop, pad_id: int) -> None:
         """One step: K/V of the current tokens into the cache, logits, then token t+1 sampled and recorded."""
         logits = decoder.decode(self.cache, self.tok[:batch], self.pos[:batch], self.slot, length)
         self.pos[:batch] += 1
         self.slot += 1
         self.t += 1
-        self.record(logits, batch, params, stop_ids, pad_id)
+        self.record(logits, batch, params, is_stop, pad_id)
 
     def flush(self, batch: int, out_row: torch.Tensor, out, max_tokens: int) -> None:
         """Copy rows 0..batch-1 to their output rows (placeholders all go to one scratch row)."""

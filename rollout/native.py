@@ -273,7 +273,11 @@ class NativeEngine:
         stop_ids = tuple(_stop_ids(self.model, self.tokenizer, params))
         module_state = self._module_state()  # fixed for the rollout: part of every captured graph's key
         if stop_ids not in self._stop_tensors:  # kept: captured graphs read it at its address
-            self._stop_tensors[stop_ids] = torch.tensor(stop_ids, device=dev, dtype=torch.long)
+            # a flag per vocabulary entry, read at the sampled tokens: torch.isin over a long stop list sorts and
+            # makes its values unique, which waits on the host and cannot be captured in a CUDA graph
+            is_stop = torch.zeros(dec.vocab_size, dtype=torch.bool, device=dev)
+            is_stop[torch.tensor([i for i in stop_ids if 0 <= i < dec.vocab_size], dtype=torch.long, device=dev)] = True
+            self._stop_tensors[stop_ids] = is_stop
         stop_t = self._stop_tensors[stop_ids]
         self._draw_noise(st, batch, params, generator)
         logits = torch.cat([logits, logits.new_zeros((batch - rows, logits.shape[1]))])  # placeholder rows
