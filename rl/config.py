@@ -415,7 +415,9 @@ class OfflineDataSection:
     dpo / orpo: prompt, chosen, rejected;  kto: prompt, completion, label (true = desirable);
     sft: prompt, completion, or messages (a chat whose last message is the assistant's answer).
     Prompts are text or chat messages; completions are text."""
-    task: str | None = None  # arithmetic: examples of each kind built from the arithmetic task (offline)
+    # arithmetic: examples of each kind built from the arithmetic task (offline); calculator (sft): the
+    # arithmetic questions answered through rollout.tools' calculator, its call and the reading of its answer
+    task: str | None = None
     path: str | None = None  # local .jsonl/.json/.parquet/.csv file, or a hub dataset name
     name: str | None = None
     split: str = "train"
@@ -427,9 +429,9 @@ class OfflineDataSection:
     shuffle: bool = True
 
     def __post_init__(self):
-        _one_source(self.task, self.path, "arithmetic")
+        _one_source(self.task, self.path, "arithmetic | calculator")
         if self.task is not None:
-            _one_of("data", "task", self.task, ("arithmetic",))
+            _one_of("data", "task", self.task, ("arithmetic", "calculator"))
         _check(self.num_examples >= 1, f"data.num_examples is {self.num_examples}; use >= 1")
         _check(self.max_length >= 2, f"data.max_length is {self.max_length}; use at least 2 tokens")
 

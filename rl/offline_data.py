@@ -10,12 +10,17 @@ tokens followed by the end-of-sequence token, so that the policy learns to stop.
 `messages`, a chat whose last message is the assistant's answer (the completion) and the rest the prompt.
 
 The built-in `arithmetic` task makes every kind offline from rl/data.py's arithmetic questions: a chosen
-(desirable) answer states the right sum in \\boxed{}, a rejected (undesirable) one a wrong sum.
+(desirable) answer states the right sum in \\boxed{}, a rejected (undesirable) one a wrong sum. The `calculator`
+task (SFT) answers the same questions through the calculator of rollout/tools.py, as a multi-turn rollout with
+`rollout.environment: rollout.tools:Calculator` sees it: half the rows teach the first turn (the call), half
+the second (reading the tool's answer into \\boxed{}). A small model told about a tool seldom calls it, and GRPO
+only reinforces what it samples: this is the warm start (examples/calculator_sft.yaml).
 """
 
 from __future__ import annotations
 
 import random
+import re
 
 from rl.data import _load_path, arithmetic_rows, is_chat, row_place, tokenize_prompt
 from rl.errors import DataError
@@ -40,9 +45,32 @@ def arithmetic_examples(objective: str, n: int, seed: int) -> list[dict]:
     return rows
 
 
+def calculator_examples(n: int, seed: int) -> list[dict]:
+    from rollout.tools import CALCULATOR_SYSTEM, calculate
+
+    rows = []
+    for i, row in enumerate(arithmetic_rows(n, seed)):
+        question = row["prompt"][-1]["content"]
+        expression = re.match(r"What is (.+?)\?", question).group(1)
+        value = calculate(expression)
+        call = f"<calculator>{expression}</calculator>"
+        messages = [{"role": "system", "content": CALCULATOR_SYSTEM}, {"role": "user", "content": question},
+                    {"role": "assistant", "content": call}]
+        if i % 2:
+            answer = f"{expression} = {value}, so the answer is \\boxed{{{value}}}."
+            messages += [{"role": "tool", "content": value}, {"role": "assistant", "content": answer}]
+        rows.append({"messages": messages})
+    return rows
+
+
 def load_examples(objective: str, cfg, tokenizer, seed: int) -> list[dict]:
+    if cfg.task == "calculator" and objective != "sft":
+        raise DataError(f"data.task calculator makes SFT examples (the calculator's call and its reading), not "
+                        f"{objective} ones; use data.task arithmetic or data.path")
     if cfg.task == "arithmetic":
         rows = arithmetic_examples(objective, cfg.num_examples, seed)
+    elif cfg.task == "calculator":
+        rows = calculator_examples(cfg.num_examples, seed)
     else:
         ds = _load_path(cfg)
         if cfg.prompt_column != "prompt" and cfg.prompt_column in ds.column_names:

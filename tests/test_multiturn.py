@@ -277,6 +277,30 @@ def test_the_calculator_examples_bonus_pays_for_a_value_and_nothing_else():
     assert module.calculator_used([""] * 2, [""] * 2) == [0.0, 0.0]  # a single-turn run
 
 
+def test_the_calculator_sft_task_demonstrates_the_call_and_its_reading(policy):
+    """data.task calculator (the warm start of examples/calculator_sft.yaml): even rows end in the call, odd
+    rows read the tool's answer (rendered with the chat template's tool role) into \\boxed{}; the values are
+    the calculator's own. Other objectives are refused."""
+    from rl.config import OfflineDataSection
+    from rl.errors import DataError
+    from rl.offline_data import load_examples
+
+    tok = policy.tokenizer
+    examples = load_examples("sft", OfflineDataSection(task="calculator", num_examples=4), tok, 0)
+    for i, ex in enumerate(examples):
+        prompt, completion = tok.decode(ex["prompt"]), tok.decode(ex["completion"], skip_special_tokens=True)
+        expression = prompt.split("What is ", 1)[1].split("?", 1)[0]
+        assert "<calculator>expression</calculator>" in prompt  # the environment's system message
+        if i % 2 == 0:
+            assert completion == f"<calculator>{expression}</calculator>"
+        else:
+            value = calculate(expression)
+            assert f"<|im_start|>tool\n{value}<|im_end|>" in prompt
+            assert completion.endswith(f"\\boxed{{{value}}}.") and prompt.endswith("<|im_start|>assistant\n")
+    with pytest.raises(DataError, match="data.task calculator makes SFT examples"):
+        load_examples("dpo", OfflineDataSection(task="calculator", num_examples=2), tok, 0)
+
+
 def test_the_python_tool_runs_code_in_the_sandbox_and_reports_errors():
     tool = PythonTool()
     tool.wall_s = 2.0

@@ -49,3 +49,24 @@ def test_the_calculator_recipe_runs_end_to_end(tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and all(r["env/turns"] >= 1 and "env/tool_calls" in r for r in rows)
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert samples and all("turns" in s and "tool_calls" in s for s in samples)
+
+
+def test_the_calculator_warm_start_then_grpo_with_the_tool(tmp_path):
+    """examples/calculator_sft.yaml as written (data.task calculator, merged at the end), on a random Llama-family
+    model, then examples/calculator.yaml from the merged model, as the recipe's two commands say."""
+    sft = tmp_path / "sft"
+    cmd = [sys.executable, "-m", "rl.sft", "--config", "examples/calculator_sft.yaml", "--model.name", "random:tiny",
+           "--data.num_examples", "8", "--train.max_steps", "2", "--train.num_threads", "2",
+           "--tracking.progress", "false", "--tracking.report", "false", "--train.output_dir", str(sft)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (sft / "merged" / "config.json").is_file()
+    out = tmp_path / "grpo"
+    cmd = [sys.executable, "-m", "rl.grpo", "--config", "examples/calculator.yaml", "--model.name", str(sft / "merged"),
+           "--rollout.max_tokens", "16", "--grpo.num_generations", "2", "--train.max_steps", "1",
+           "--train.save_every", "0", "--train.num_threads", "2", "--tracking.progress", "false",
+           "--tracking.report", "false", "--train.output_dir", str(out)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1] and "env/tool_calls" in rows[0]
