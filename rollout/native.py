@@ -304,7 +304,7 @@ class NativeEngine:
 
     def _resumable(self, prompts: list[list[int]], params: SamplingParams, batch: int) -> list[tuple] | None:
         """For each prompt, (the cache row of the conversation it extends, the tokens of it cached); None
-        unless every prompt extends one and the cache has room for this turn after its last written slot."""
+        unless every prompt extends one and the cache has room for this turn after the longest row, packed."""
         st, turns = self.state, self._turns
         if st is None or not turns or self.decoder.window is not None or batch > st.rows:
             return None

@@ -1,5 +1,6 @@
 """Config: YAML plus --section.key overrides through one schema; fix-it messages."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -53,7 +54,7 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
 ROOT = Path(__file__).resolve().parents[1]
 
 
-OFFLINE = ("dpo", "orpo", "kto", "sft")  # examples for `python -m rl.<name>`; the others are GRPO's
+OFFLINE = ("dpo", "orpo", "kto", "sft")  # `python -m rl.<name>`: the objectives without a rollout
 
 
 @pytest.mark.parametrize("path", sorted(str(p) for p in ROOT.glob("examples/*.yaml")))
@@ -61,7 +62,10 @@ def test_every_example_config_is_valid(path):
     from rewards import load_reward
     from rl.config import OfflineRunConfig
 
-    if Path(path).stem in OFFLINE:
+    # each example's header names its command: python -m rl.<objective> --config examples/<file>
+    command = re.search(rf"python -m rl\.(\w+) --config examples/{Path(path).name}", Path(path).read_text())
+    assert command and command.group(1) in ("grpo", *OFFLINE), f"{path}: its header has no command to run it"
+    if command.group(1) in OFFLINE:
         load_config(path, schema=OfflineRunConfig)
         return
     cfg = load_config(path)
