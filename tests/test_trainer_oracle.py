@@ -83,7 +83,7 @@ def _hand_advantages(batch, g: int) -> torch.Tensor:
     return ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).view(-1)
 
 
-def _reference_loss(trainer, cfg, batch, advantages) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _reference_loss(trainer, cfg, batch, advantages) -> tuple[torch.Tensor, list[torch.Tensor], float | None]:
     grpo, t = cfg.grpo, cfg.rollout.temperature
     model = trainer.model
     model.train()
@@ -104,12 +104,16 @@ def _reference_loss(trainer, cfg, batch, advantages) -> tuple[torch.Tensor, list
         masks.append(torch.zeros_like(logps) if dropped else torch.ones_like(logps))
     n = len(policy_terms)
     parts = [slice(i, min(i + MICRO_BATCH, n)) for i in range(0, n, MICRO_BATCH)]
+    selected_fraction = None  # of the real tokens, those whose policy term counts
     if grpo.top_entropy_quantile < 1:  # the policy term on each micro-batch's highest-entropy real tokens only
+        chosen = 0
         for part in parts:
             real = torch.cat([e.detach()[m.bool()] for e, m in zip(entropies[part], masks[part])])
             threshold = torch.quantile(real, 1 - grpo.top_entropy_quantile)
+            chosen += int((real >= threshold).sum())
             for j in range(part.start, part.stop):
                 policy_terms[j] = policy_terms[j] * (entropies[j].detach() >= threshold)
+        selected_fraction = chosen / float(sum(m.sum() for m in masks))
     terms = []
     for i, (p, c) in enumerate(zip(batch["prompt_ids"], batch["completion_ids"])):
         per_token = policy_terms[i] - grpo.entropy_coef * entropies[i]  # the bonus on every token
@@ -129,7 +133,7 @@ def _reference_loss(trainer, cfg, batch, advantages) -> tuple[torch.Tensor, list
         loss = sums.sum() / (n * cfg.rollout.max_tokens)
     else:  # bnpo: each micro-batch's token mean, averaged over the micro-batches (TRL's accumulation)
         loss = sum(sums[s].sum() / counts[s].sum().clamp(min=1) for s in parts) / len(parts)
-    return loss, all_logps
+    return loss, all_logps, selected_fraction
 
 
 CASES = {
@@ -157,7 +161,7 @@ def test_the_step_gradient_equals_an_independent_reference(tmp_path, case):
     advantages = _hand_advantages(batch, cfg.grpo.num_generations)
     torch.testing.assert_close(seen["advantages"].float(), advantages, rtol=1e-5, atol=1e-6)
 
-    loss, logps = _reference_loss(trainer, cfg, batch, advantages)
+    loss, logps, selected_fraction = _reference_loss(trainer, cfg, batch, advantages)
     # the engine's sampling log-probabilities are the policy's under the sampling temperature, token for token
     for got, want in zip(batch["sampling_logps"], logps):
         torch.testing.assert_close(torch.tensor(got), want, rtol=1e-4, atol=1e-4)
@@ -169,3 +173,6 @@ def test_the_step_gradient_equals_an_independent_reference(tmp_path, case):
         torch.testing.assert_close(seen["grads"][k], grad, rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
     if cfg.grpo.beta > 0:  # the reported KL is the policy's from the adapters-disabled reference, not 0
         assert seen["metrics"]["kl"] > 1e-3
+    if selected_fraction is not None:  # the reported share of tokens the policy term kept is the reference's
+        assert 0 < selected_fraction < 0.5
+        assert seen["metrics"]["entropy/selected_fraction"] == pytest.approx(selected_fraction, abs=1e-6)
