@@ -1,7 +1,7 @@
 """The GRPO step side by side: Tandem, TRL's GRPOTrainer and Unsloth on the same model files and settings.
 
     python benchmarks/bench_grpo.py [--shapes qwen2.5-0.5b,qwen2.5-1.5b] [--impls tandem,trl,unsloth]
-        [--steps 4] [--completions 8] [--tokens 256] [--json out.json]
+        [--steps 4] [--completions 8] [--tokens 256] [--micro-batch N] [--json out.json] [--logs DIR]
     python benchmarks/bench_grpo.py --smoke      # tiny model, CPU, no 4-bit: checks that every path runs
     python benchmarks/bench_grpo.py --cap-gb 16 --tokens 8192 --shapes llama-3.1-8b   # a 16 GiB card
     python benchmarks/bench_grpo.py --shapes qwen2.5-1.5b --impls tandem --ranks 1,2  # weak scaling, torchrun
@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -78,7 +79,7 @@ def run_tandem(path: str, a) -> list[float]:
                  "--rollout.max_tokens", str(a.tokens),
                  "--grpo.num_generations", str(a.completions), "--grpo.prompts_per_step", "1",
                  "--grpo.loss_type", "dapo", "--grpo.beta", "0",
-                 "--train.micro_batch_size", "auto" if a.cap_gb else str(a.completions),
+                 "--train.micro_batch_size", "auto" if a.cap_gb else str(a.micro_batch or a.completions),
                  "--train.gpu_memory_gb", str(a.cap_gb) if a.cap_gb else "null",
                  "--train.max_steps", str(a.steps), "--train.output_dir", f"/tmp/bench-grpo-tandem-{os.getpid()}",
                  "--train.save_every", "0", "--tracking.progress", "false",
@@ -101,7 +102,11 @@ def run_tandem(path: str, a) -> list[float]:
 def _trl_config(a, **extra):
     from trl import GRPOConfig
 
-    return GRPOConfig(output_dir=f"/tmp/bench-grpo-trl-{os.getpid()}", per_device_train_batch_size=a.completions,
+    micro = a.micro_batch or a.completions  # one optimizer step per generation batch of `completions`
+    if a.completions % micro:
+        raise SystemExit(f"--micro-batch {micro} must divide --completions {a.completions}")
+    return GRPOConfig(output_dir=f"/tmp/bench-grpo-trl-{os.getpid()}", per_device_train_batch_size=micro,
+                      gradient_accumulation_steps=a.completions // micro,
                       num_generations=a.completions, max_completion_length=a.tokens, loss_type="dapo", beta=0.0,
                       max_steps=a.steps, learning_rate=1e-5, logging_steps=1, save_strategy="no", report_to=[],
                       bf16=not a.smoke, use_cpu=a.smoke, gradient_checkpointing=bool(a.cap_gb), **extra)
@@ -127,7 +132,8 @@ class _StepTimer:
 
     def time_rollouts(self, trainer):
         """Times TRL's generation and scoring (with Unsloth too, whose GRPOTrainer is TRL's, patched): one call
-        a step at gradient accumulation 1, its rollout phase; the rest of the step is training."""
+        a step (it generates the whole batch of `completions` once, for every accumulated micro-batch), its
+        rollout phase; the rest of the step is training."""
         generate = trainer._generate_and_score_completions
 
         def timed(*args, **kwargs):
@@ -224,6 +230,20 @@ def child(a) -> int:
     return 0
 
 
+def _run_cell(cmd: list[str], env: dict, timeout: float | None) -> subprocess.CompletedProcess:
+    """One cell's process, in a session of its own: at the timeout the whole group goes (vLLM's engine core
+    and torchrun's ranks are children that would otherwise keep their GPU memory)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()  # what it printed so far tells how far it got
+        stderr += f"\nerror: timed out after {timeout:.0f} s"
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="qwen2.5-0.5b,qwen2.5-1.5b")
@@ -231,7 +251,11 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--completions", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--micro-batch", type=int, default=0,
+                        help="completions per forward/backward, accumulated to one step (default: all of them)")
     parser.add_argument("--json", help="write all rows here (after every row)")
+    parser.add_argument("--timeout", type=float, help="stop a cell's process after this many seconds (reported)")
+    parser.add_argument("--logs", help="keep each cell's whole output in this directory (<shape>-<impl>.log)")
     parser.add_argument("--cap-gb", type=float, default=0, help="cap each implementation's GPU memory (GiB)")
     parser.add_argument("--ranks", default="1", help="Tandem under torchrun with these process counts, e.g. 1,2 "
                         "(one prompt per rank: the weak scaling)")
@@ -252,30 +276,38 @@ def main(argv=None) -> int:
                                         str(ranks)] if ranks > 1 else [])
         cmd = launcher + [__file__, "--shape", shape, "--impl", impl, "--steps", str(a.steps),
                           "--completions", str(a.completions), "--tokens", str(a.tokens),
+                          "--micro-batch", str(a.micro_batch),
                           "--cap-gb", str(a.cap_gb)] + (["--smoke"] if a.smoke else [])
         env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
         if a.smoke:  # TRL's log-prob kernels are Triton: on a CPU, through Triton's interpreter
             env["TRITON_INTERPRET"] = "1"
-        out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+        started = time.perf_counter()
+        out = _run_cell(cmd, env, a.timeout)
+        wall_s = round(time.perf_counter() - started, 1)  # the cell's process: loading, engine start, every step
+        if a.logs:  # a peer that fails says why somewhere in its output, not always on its last error line
+            Path(a.logs).mkdir(parents=True, exist_ok=True)
+            name = f"{shape}-{impl}-{a.completions}x{a.tokens}" + (f"-{ranks}ranks" if ranks > 1 else "")
+            (Path(a.logs) / f"{name}.log").write_text(out.stdout + out.stderr)
         lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
         if out.returncode != 0 or not lines:
             errors = [line for line in out.stderr.splitlines() if "rror" in line] or out.stderr.splitlines()
-            row = dict(shape=shape, impl=impl, ranks=ranks, error=(errors or ["?"])[-1][:300])
+            row = dict(shape=shape, impl=impl, ranks=ranks, error=(errors or ["?"])[-1][:300], wall_s=wall_s)
         else:
-            row = json.loads(lines[-1])
+            row = {**json.loads(lines[-1]), "wall_s": wall_s}
         rows.append(row)
         print(json.dumps(row), flush=True)
         if a.json:
             Path(a.json).write_text(json.dumps(rows, indent=1))
-    print("| shape | implementation | processes | s/step (median of steps 2..) | rollout s | train s | peak GB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| shape | implementation | processes | s/step (median of steps 2..) | rollout s | train s | peak GB "
+          "| process s |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['shape']} | {r['impl']} | {r['ranks']} | error: {r['error']} | | | |")
+            print(f"| {r['shape']} | {r['impl']} | {r['ranks']} | error: {r['error']} | | | | {r['wall_s']} |")
         else:
             phases = " | ".join(f"{r[k]:.2f}" if k in r else "" for k in ("rollout_s", "train_s"))
             print(f"| {r['shape']} | {r['impl']} | {r['ranks']} | {r['s_per_step']:.2f} | {phases} | "
-                  f"{r['peak_gb']:.2f} |")
+                  f"{r['peak_gb']:.2f} | {r['wall_s']} |")
     return 0
 
 
