@@ -190,7 +190,8 @@ class GRPOTrainer(TrainerBase):
                            gpu_memory_utilization=cfg.rollout.vllm_gpu_memory_utilization,
                            share_weights=cfg.rollout.vllm_share_weights, seed=cfg.train.seed,
                            enforce_eager=cfg.rollout.vllm_enforce_eager or None,
-                           decode_4bit=cfg.rollout.native_decode_4bit)
+                           decode_4bit=cfg.rollout.native_decode_4bit,
+                           max_batch=cfg.grpo.num_generations * cfg.grpo.prompts_per_step)
 
     def _check_vllm_share(self) -> None:
         """vLLM sizes itself as a fraction of the whole card, which must leave training room in the budget."""

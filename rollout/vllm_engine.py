@@ -59,9 +59,10 @@ def unsupported_reason() -> str | None:
 class VLLMEngine:
     def __init__(self, model, tokenizer, model_dir: str, lora_rank: int, max_model_len: int = 2048,
                  kv_cache_gb: float = 1.0, gpu_memory_utilization: float = 0.3, seed: int = 0,
-                 share_weights: bool = True, enforce_eager: bool | None = None):
+                 share_weights: bool = True, enforce_eager: bool | None = None, max_batch: int | None = None):
         """enforce_eager: no torch.compile or CUDA graphs in vLLM (a start in seconds, slower decoding);
-        None = on the CPU only."""
+        None = on the CPU only. max_batch: the most sequences a rollout decodes at once; on CUDA, vLLM captures
+        its graphs up to that batch only (a shorter start-up), None = vLLM's defaults."""
         reason, warning = compat.version_status(installed_version())
         if reason is not None:
             raise RuntimeError(f"{reason}; {compat.INSTALL}, or use rollout.engine native")
@@ -107,6 +108,8 @@ class VLLMEngine:
         else:
             kwargs.update(kv_cache_memory_bytes=int(kv_cache_gb * 2**30))
         kwargs["enforce_eager"] = not torch.cuda.is_available() if enforce_eager is None else enforce_eager
+        if torch.cuda.is_available() and not kwargs["enforce_eager"] and max_batch:
+            kwargs.update(compat.cuda_graph_options(max_batch))
         t0 = time.perf_counter()
         try:
             self.llm = LLM(**kwargs)
@@ -120,7 +123,9 @@ class VLLMEngine:
             self.close()
             raise
         self._check_generates()
-        log.info("vLLM %s loaded %s in %.1f s", installed_version(), model_dir, time.perf_counter() - t0)
+        log.info("vLLM %s loaded %s in %.1f s%s", installed_version(), model_dir, time.perf_counter() - t0,
+                 f" (CUDA graphs for batches of {compat.captured_batch_sizes(self.llm)})"
+                 if "compilation_config" in kwargs else "")
         self.vllm_model = compat.vllm_model(self.llm)
         rss = _rss_bytes()
         self.shared = self._share_base_weights() if share_weights else []

@@ -41,3 +41,17 @@ def test_a_missing_internal_stops_at_start_up_naming_it(monkeypatch):
         require_internals(_llm(SimpleNamespace(model=object())))
     with pytest.raises(RuntimeError, match="no in-process model runner"):
         require_internals(SimpleNamespace(llm_engine=SimpleNamespace()))
+
+
+def test_cuda_graph_options_cover_the_rollout_batch_and_are_the_installed_vllms():
+    """Graphs up to the rollout's batch (vLLM's sizes above 8 are multiples of 8), each captured once; the
+    options must be fields of the installed vLLM's CompilationConfig (a release that renames them fails here)."""
+    sizes = {b: vllm_compat.cuda_graph_options(b)["compilation_config"]["max_cudagraph_capture_size"]
+             for b in (1, 8, 12, 64, 65, 4096)}
+    assert sizes == {1: 8, 8: 8, 12: 16, 64: 64, 65: 72, 4096: 512}
+    if vllm_compat.installed_version() is None:
+        pytest.skip("vLLM is not installed")
+    from vllm.config import CompilationConfig
+
+    config = CompilationConfig(**vllm_compat.cuda_graph_options(64)["compilation_config"])
+    assert config.max_cudagraph_capture_size == 64 and config.cudagraph_specialize_lora is False
